@@ -1,0 +1,7 @@
+"""Operators on decoder Jacobians J (B, D, k): SPEC §3. Kernels live beside their reference."""
+from .column_estimate import column_estimate, hadamard_bound
+from .logdet_gram import fischer_bound, logdet_gram, optimal_posterior_covariance
+from .orthogonality import orthogonality_penalty
+
+__all__ = ["logdet_gram", "fischer_bound", "optimal_posterior_covariance", "hadamard_bound",
+           "column_estimate", "orthogonality_penalty"]

@@ -1,0 +1,90 @@
+"""One dispatch point for every operator: which backend computes it.
+
+Backends register an :class:`Implementation` per operator; ``resolve`` turns a
+user's ``backend=`` keyword into a concrete name. ``"auto"`` walks the device's
+preference list and takes the first backend that is available and supports the
+input (``supports`` returns ``None``, or a reason why not). A forced backend that
+cannot run raises an error that says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cpp", "cuda")
+
+# Preference for "auto", by device type. Each implementation's ``supports``
+# encodes its measured range (e.g. the d above which cuSOLVER wins).
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+def _always(**_sizes) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    forward: Callable
+    backward: Callable
+    # supports(device_type=..., dtype=..., **sizes) -> None if it can run, else the reason
+    supports: Callable[..., Optional[str]] = field(default=_always)
+
+
+_IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {}
+_UNAVAILABLE: dict[str, str] = {}
+
+
+def register(op: str, backend: str, implementation: Implementation) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+    _IMPLEMENTATIONS.setdefault(op, {})[backend] = implementation
+
+
+def mark_unavailable(backend: str, reason: str) -> None:
+    """Record why a backend is missing (shown by ``fastjac.info()`` and in errors)."""
+    _UNAVAILABLE.setdefault(backend, reason)
+
+
+def availability() -> dict[str, Optional[str]]:
+    """Backend name -> None when usable, else the reason it is not."""
+    registered = {b for impls in _IMPLEMENTATIONS.values() for b in impls}
+    out = {}
+    for b in BACKENDS:
+        if b in registered:
+            out[b] = None
+        else:
+            out[b] = _UNAVAILABLE.get(b, "not implemented")
+    return out
+
+
+def operators() -> dict[str, tuple[str, ...]]:
+    """Operator name -> backends registered for it."""
+    return {op: tuple(impls) for op, impls in sorted(_IMPLEMENTATIONS.items())}
+
+
+def resolve(op: str, backend: str, tensor: torch.Tensor, **sizes) -> str:
+    """Concrete backend for ``op`` on ``tensor`` (device, dtype) with the given sizes."""
+    impls = _IMPLEMENTATIONS[op]
+    kw = dict(device_type=tensor.device.type, dtype=tensor.dtype, **sizes)
+    if backend == "auto":
+        for name in AUTO_ORDER.get(tensor.device.type, ()) + ("torch",):
+            impl = impls.get(name)
+            if impl is not None and impl.supports(**kw) is None:
+                return name
+        raise RuntimeError(f"no backend of {op} supports device {tensor.device}")  # torch always does
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    impl = impls.get(backend)
+    if impl is None:
+        why = _UNAVAILABLE.get(backend, f"{op} has no {backend} implementation")
+        raise RuntimeError(f"backend={backend!r} is not available for {op}: {why}")
+    reason = impl.supports(**kw)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot compute {op} here: {reason}")
+    return backend
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    return _IMPLEMENTATIONS[op][backend]
