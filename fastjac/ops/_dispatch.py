@@ -47,6 +47,22 @@ def mark_unavailable(backend: str, reason: str) -> None:
     _UNAVAILABLE.setdefault(backend, reason)
 
 
+def load_backends(package: str, modules=("triton", "extension")) -> None:
+    """Import an operator's optional backend modules (``<package>.triton``, ``.extension``);
+    each registers itself on import. A module that cannot import records why."""
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(f"{package}.{module}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{package}.{module}":
+                continue  # this operator has no such backend
+            mark_unavailable({"extension": "cpp"}.get(module, module), f"{e.name} is not installed")
+        except ImportError as e:
+            mark_unavailable({"extension": "cpp"}.get(module, module), str(e))
+
+
 def availability() -> dict[str, Optional[str]]:
     """Backend name -> None when usable, else the reason it is not."""
     registered = {b for impls in _IMPLEMENTATIONS.values() for b in impls}

@@ -90,3 +90,6 @@ def column_estimate(J: Tensor, beta, *, probabilities, weights=None, backend: st
     if check.values_checked() and not bool(((p > 0) & (p <= 1)).all()):
         raise ValueError("probabilities must lie in (0, 1]")
     return _call(J, w, beta, 1.0 / (k * p), backend)
+
+
+_dispatch.load_backends(__name__)

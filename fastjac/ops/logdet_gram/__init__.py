@@ -140,3 +140,6 @@ def optimal_posterior_covariance(J: Tensor, beta, *, weights=None, backend: str 
     B, D, d = J.shape
     name = _dispatch.resolve(COVARIANCE_OP, backend, J, B=B, D=D, d=d)
     return torch.ops.fastjac.posterior_covariance(J, w, beta, name)
+
+
+_dispatch.load_backends(__name__)

@@ -69,3 +69,6 @@ def orthogonality_penalty(J: Tensor, *, block_size: int = 1, weights=None, eps: 
         w = torch.as_tensor(w, dtype=J.dtype, device=J.device).expand(B, D)
     name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=k)
     return torch.ops.fastjac.orthogonality_penalty(J, w, block_size, float(eps), name)
+
+
+_dispatch.load_backends(__name__)

@@ -1,0 +1,1 @@
+"""Modules over the functional API: fused tangent layers and the regulariser as a module."""
