@@ -11,6 +11,7 @@ from .observations import Bernoulli, BernoulliLogits, Gaussian
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
                   optimal_posterior_covariance, orthogonality_penalty)
 from .regularizer import ESTIMATORS, jacobian_regularizer
+from . import hutchinson  # registers "hutchinson_cg"
 from ._info import info
 
 __version__ = "0.1.0"

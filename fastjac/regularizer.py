@@ -45,6 +45,7 @@ class Estimate(NamedTuple):
     out: Tensor                     # decoder output, (B, *out_shape)
     R: Tensor                       # regulariser R (B,), estimate of log det M or a bound
     orthogonality: Optional[Tensor]  # (B,) or None when not asked
+    info: Optional[dict] = None      # estimator diagnostics (e.g. hutchinson_cg's CG iterations)
 
 
 Estimator = Callable[[Callable, Tensor, Any, Any, Optional[Tensor], Settings], Estimate]
