@@ -3,19 +3,40 @@
 One primal pass of the decoder carries k tangents at once (``torch.func.jvp`` under
 ``vmap`` over the tangents; the primal is not batched, so it is computed once). The
 result is differentiable into z and the decoder's parameters (reverse over forward).
-Reverse mode over the D outputs is never used.
+Reverse mode over the D outputs is never used. Decoders that carry tangents themselves
+(a ``tangent_forward(z, tangents)`` method, e.g. :class:`fastjac.nn.TangentMLP` with its
+fused Linear+activation kernels) are used through that method instead of torch.func.
+
+Pitfalls, and what happens here:
+- BatchNorm using batch statistics (training mode, or ``track_running_stats=False``)
+  couples the samples: the columns are then those of the whole batch's output with every
+  sample moved along e_j, not the per-sample Jacobian (terms of order 1/B). That warns;
+  training mode *with* running statistics cannot be traced at all and raises ValueError.
+  Fix: ``decoder.eval()`` for the regulariser pass, or GroupNorm/LayerNorm.
+- ``torch.no_grad()`` does not stop forward tangents: columns computed under it are
+  exact (only no graph is kept), and a ``no_grad`` block *inside* a decoder still
+  carries its tangents. ``.detach()`` is what stops a tangent.
+- Dropout: one mask per decoder call, shared by the primal and every tangent
+  (``randomness="same"``); chunks replay the same random state, so every chunk and the
+  primal see the same mask.
+- Tuple, dict or object outputs: ``output=`` selects the reconstruction.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from . import _validation as check
 
 Selector = Union[None, str, int, Callable[[Any], Tensor]]
+
+
+class BatchCouplingWarning(UserWarning):
+    """The decoder normalises with batch statistics, so its per-sample Jacobian is not defined."""
 
 
 def select_output(result, output: Selector) -> Tensor:
@@ -69,6 +90,59 @@ def column_directions(columns, directions, B: int, d: int, like: Tensor) -> Tens
     return eye[columns.to(like.device).long()].mT  # (B, d, k)
 
 
+def _modules(decoder) -> list:
+    """The nn.Modules a decoder callable is made of, as far as they can be seen."""
+    while hasattr(decoder, "func") and callable(decoder.func):  # functools.partial
+        decoder = decoder.func
+    owner = getattr(decoder, "__self__", decoder)  # bound method
+    return list(owner.modules()) if isinstance(owner, nn.Module) else []
+
+
+def check_normalisation(decoder) -> None:
+    """Refuse or warn about BatchNorm layers that use batch statistics (see the module notes)."""
+    coupled = [m for m in _modules(decoder) if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and (m.training or m.running_mean is None)]
+    if not coupled:
+        return
+    names = ", ".join(sorted({type(m).__name__ for m in coupled}))
+    why = (f"the decoder has {len(coupled)} {names} layer(s) normalising with batch statistics, "
+           "which couple the samples, so J is not the per-sample Jacobian (SPEC §5)")
+    fix = "call decoder.eval() for the regulariser pass, or use GroupNorm/LayerNorm"
+    if any(m.training and m.track_running_stats for m in coupled):
+        raise ValueError(f"{why}; in training mode their running-statistics update is an in-place "
+                         f"write that forward-mode AD cannot trace: {fix}")
+    warnings.warn(f"{why}: J e_j is the derivative with every sample moved along e_j at once "
+                  f"(errors of order 1/B); {fix}", BatchCouplingWarning, stacklevel=3)
+
+
+def random_state(device: torch.device) -> Callable[[], None]:
+    """A function that resets the RNG (CPU and ``device``) to its state now, so that every
+    chunk's decoder call draws the same dropout masks as the first one."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def replay() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+    return replay
+
+
+def _pusher(decoder: Callable, output: Selector):
+    """push(z, tangents (k, B, d)) -> (out (B, *out), tangent outputs (k, B, *out))."""
+    fused = getattr(decoder, "tangent_forward", None)
+    if output is None and callable(fused):
+        return fused
+
+    def decode(code):
+        return select_output(decoder(code), output)
+
+    def push(z, tangents):
+        one = lambda tangent: jvp(decode, (z,), (tangent,))  # noqa: E731
+        return vmap(one, out_dims=(None, 0), randomness="same")(tangents)
+    return push
+
+
 def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = None, *,
                      directions: Optional[Tensor] = None, chunk_size: Optional[int] = None,
                      output: Selector = None):
@@ -76,11 +150,14 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
 
     Args:
         decoder: any callable acting per sample, (B, d) -> (B, *out_shape) (or a tuple/dict/
-            object holding it; see ``output``).
+            object holding it; see ``output``). A decoder with a ``tangent_forward(z, tangents)``
+            method ((B, d), (k, B, d) -> (B, *out), (k, B, *out)) is pushed through it.
         z: (B, d) codes.
         columns: None (all d columns), a LongTensor (k,) shared by all samples, or (B, k) per sample.
         directions: arbitrary tangent directions (B, d, k) instead of columns: J @ directions.
-        chunk_size: push at most this many tangents at once (bounds memory; same result).
+        chunk_size: push at most this many tangents per decoder call (same result; each call
+            keeps its own graph, so this bounds the forward's peak, not what backward holds —
+            for that see :func:`fastjac.chunked.recomputed_columns`).
         output: which part of the decoder's return value to use: a key, an index or a callable.
     Returns:
         (out, J): out = decoder(z) selected, (B, *out_shape); J (B, D, k), D = prod(out_shape).
@@ -100,16 +177,21 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
     check.finite("z", z)
     if chunk_size is not None:
         check.positive_int("chunk_size", chunk_size)
+    check_normalisation(decoder)
     tangents = column_directions(columns, directions, B, d, z).permute(2, 0, 1)  # (k, B, d)
-
-    def decode(code):
-        return select_output(decoder(code), output)
-
-    def push(tangent):
-        return jvp(decode, (z,), (tangent,))
-
-    out, cols = vmap(push, out_dims=(None, 0), randomness="same", chunk_size=chunk_size)(tangents)
-    if out.dim() < 1 or out.shape[0] != B:
-        raise ValueError(f"decoder output must have batch size B = {B} first, got shape {tuple(out.shape)}")
-    J = cols.reshape(cols.shape[0], B, -1).permute(1, 2, 0)
-    return out, J
+    k = tangents.shape[0]
+    step = k if chunk_size is None else min(chunk_size, k)
+    push, replay = _pusher(decoder, output), random_state(z.device)
+    out, pieces = None, []
+    for start in range(0, k, step):
+        if start:
+            replay()
+        primal, cols = push(z, tangents[start:start + step])
+        if out is None:
+            if primal.dim() < 1 or primal.shape[0] != B:
+                raise ValueError(f"decoder output must have batch size B = {B} first, "
+                                 f"got shape {tuple(primal.shape)}")
+            out = primal
+        pieces.append(cols)
+    cols = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return out, cols.reshape(k, B, -1).permute(1, 2, 0)
