@@ -1,0 +1,395 @@
+"""Fig. 1, 5, 6 (App. C): a mean-field posterior picks out the true latent axes; a full one does not.
+
+Data (per trial): x = ν(W z) + ε, z ~ N(0, I₂), ε ~ N(0, 0.05² I₂), ν ∈ {identity, tanh, sigmoid,
+elu}. ``--mixing orthogonal`` (default): W = R·diag(2, 1), R a random rotation (the identifiable
+case); ``--mixing gaussian``: W's entries N(0, 1) with columns rescaled to norms 2 and 1 (the paper's
+wording), where a mean-field VAE aligns with W's principal axes instead, so the angle to W's right
+singular vectors is reported too.
+
+Model: decoder p(x|z) = N(ν(A z) + b, 0.05² I); posterior N(μ, Σ) with μ = O₁C′x + d and one Σ
+(amortised) or free μᵢ, Σᵢ per point (unamortised); Σ = O₂ D′D′ᵀ O₂ᵀ with O₁, O₂ fixed random
+rotations per trial, so plain gradient steps have no preferred axes. Diagonal Σ uses only
+diag(O₂D′D′ᵀO₂ᵀ) (the off-diagonal entries are left out of the ELBO, as in the paper).
+The expectation in the ELBO is a tensor-product Gauss–Hermite rule (exact for identity ν), so
+full-batch training is deterministic. Step size: lr divided by 10 every n steps, 5n steps.
+
+All trials of a setting are one batched computation: every tensor carries the trial as its first
+dimension and the loss is the sum of the trials' losses, so their gradients never mix.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..objectives import gaussian_kl
+from ..observations import Gaussian
+from . import plotting
+from .procrustes import latent_angle, rotation
+from .results import Progress, Results, log
+
+NONLINEARITIES = {"identity": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "elu": F.elu}
+INFERENCE = ("amortised", "unamortised")
+COVARIANCES = ("diagonal", "full")
+MIXINGS = ("orthogonal", "gaussian")
+NOISE_STD = 0.05
+COLUMN_NORMS = (2.0, 1.0)
+PAPER_STEPS = (100, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000)
+
+
+@dataclass(frozen=True)
+class Training:
+    """What every setting shares."""
+    num_points: int = 4000
+    mixing: str = "orthogonal"
+    optimizer: str = "adam"
+    lr: float = 0.05
+    stages: int = 5
+    quadrature: int = 3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Setting:
+    nonlinearity: str
+    inference: str
+    covariance: str
+    steps_per_stage: int  # n: the step size drops by 10× every n steps
+
+    @property
+    def key(self) -> str:
+        return f"{self.nonlinearity}/{self.inference}/{self.covariance}/n={self.steps_per_stage}"
+
+
+class Data(NamedTuple):
+    W: Tensor  # (T, 2, 2) mixing matrices
+    Z: Tensor  # (T, N, 2) true latents
+    X: Tensor  # (T, N, 2) observations
+
+
+def trial_seeds(seed: int, setting: Setting, trial: int) -> tuple[int, int]:
+    """(data seed, initialisation seed) of one trial, stable across runs so resumed runs match.
+
+    The data depend only on (seed, ν, trial): trial t of every n, inference and covariance sees
+    the same data set, so their ELBOs compare (a paired design); initialisations all differ."""
+    data = zlib.crc32(f"{seed}/{setting.nonlinearity}/{trial}".encode())
+    return data, zlib.crc32(f"{seed}/{setting.key}/{trial}".encode())
+
+
+def _mixing(g: torch.Generator, mixing: str, dtype) -> Tensor:
+    norms = torch.tensor(COLUMN_NORMS, dtype=dtype)
+    if mixing == "orthogonal":
+        return rotation(torch.rand((), generator=g, dtype=dtype) * 2 * math.pi) * norms
+    W = torch.randn(2, 2, generator=g, dtype=dtype)
+    return W / W.norm(dim=0) * norms
+
+
+def _trial(seeds: tuple[int, int], nonlinearity: str, inference: str, training: Training, dtype):
+    """Data and initial parameters of one trial, each from its own generator."""
+    g = torch.Generator().manual_seed(seeds[0])
+    N = training.num_points
+    W = _mixing(g, training.mixing, dtype)
+    Z = torch.randn(N, 2, generator=g, dtype=dtype)
+    X = NONLINEARITIES[nonlinearity](Z @ W.T) + NOISE_STD * torch.randn(N, 2, generator=g, dtype=dtype)
+    g = torch.Generator().manual_seed(seeds[1])
+
+    def randn(*shape, std=1.0):
+        return std * torch.randn(*shape, generator=g, dtype=dtype)
+
+    def rot():
+        return rotation(torch.rand((), generator=g, dtype=dtype) * 2 * math.pi)
+
+    params = {"A": randn(2, 2, std=0.5), "b": torch.zeros(2, dtype=dtype)}
+    scale = (0.1 * torch.eye(2, dtype=dtype))
+    if inference == "amortised":
+        params.update(C=randn(2, 2, std=0.5), d=torch.zeros(2, dtype=dtype),
+                      D=scale + randn(2, 2, std=0.02))
+        fixed = {"O1": rot(), "O2": rot()}
+    else:
+        params.update(mu=randn(N, 2, std=0.1), D=scale + randn(N, 2, 2, std=0.02))
+        fixed = {"O2": rot().unsqueeze(0)}
+    return Data(W, Z, X), params, fixed
+
+
+def simulate(seeds, setting: Setting, training: Training, dtype=torch.float64):
+    """Stack the trials' data, trainable parameters and fixed rotations along dimension 0."""
+    trials = [_trial(s, setting.nonlinearity, setting.inference, training, dtype) for s in seeds]
+    data = Data(*(torch.stack(parts) for parts in zip(*(t[0] for t in trials))))
+    stack = lambda dicts: {k: torch.stack([t[k] for t in dicts]) for k in dicts[0]}  # noqa: E731
+    params = {k: v.requires_grad_() for k, v in stack([t[1] for t in trials]).items()}
+    return data, params, stack([t[2] for t in trials])
+
+
+def _scale_tril(S: Tensor) -> Tensor:
+    """Cholesky factor of 2×2 SPD matrices in closed form (NaN, never an exception, if not SPD,
+    so one diverging trial cannot stop the others)."""
+    a, c, e = S[..., 0, 0], S[..., 1, 0], S[..., 1, 1]
+    l11 = a.sqrt()
+    l21 = c / l11
+    l22 = (e - l21 ** 2).sqrt()
+    zero = torch.zeros_like(a)
+    return torch.stack([torch.stack([l11, zero], -1), torch.stack([l21, l22], -1)], -2)
+
+
+def posterior(params, fixed, X: Tensor, covariance: str):
+    """μ (T, N, 2) and the Cholesky factor of Σ, (T, 1, 2, 2) amortised or (T, N, 2, 2)."""
+    if "C" in params:
+        mu = X @ (fixed["O1"] @ params["C"]).mT + params["d"].unsqueeze(1)
+        D = params["D"].unsqueeze(1)
+    else:
+        mu, D = params["mu"], params["D"]
+    O = fixed["O2"].reshape(D.shape[0], 1, 2, 2)
+    S = O @ D @ D.mT @ O.mT
+    if covariance == "diagonal":
+        return mu, torch.diag_embed(S.diagonal(dim1=-2, dim2=-1).sqrt())
+    return mu, _scale_tril(S)
+
+
+def hermite_rule(order: int, dtype=torch.float64):
+    """Nodes (K, 2) and weights (K,) of the order² Gauss–Hermite rule for E_{ε~N(0, I₂)}."""
+    x, w = np.polynomial.hermite_e.hermegauss(order)
+    w = w / w.sum()
+    nodes = torch.tensor(np.stack(np.meshgrid(x, x, indexing="ij"), -1).reshape(-1, 2), dtype=dtype)
+    return nodes, torch.tensor(np.outer(w, w).reshape(-1), dtype=dtype)
+
+
+def negative_elbo(params, fixed, X: Tensor, *, nonlinearity: str, covariance: str, rule) -> Tensor:
+    """−ELBO per data point, averaged over the points of each trial: (T,).
+
+    Includes the Gaussian normaliser log(2πσ²), so it is minus a true ELBO."""
+    nodes, weights = rule
+    T, N, _ = X.shape
+    mu, L = posterior(params, fixed, X, covariance)
+    z = mu.unsqueeze(2) + torch.einsum("tnij,kj->tnki", L, nodes)            # (T, N, K, 2)
+    out = NONLINEARITIES[nonlinearity](torch.einsum("tnki,tji->tnkj", z, params["A"]))
+    out = out + params["b"][:, None, None, :]
+    target = X.unsqueeze(2).expand_as(out)
+    nll = Gaussian(NOISE_STD).nll(out.reshape(-1, 2), target.reshape(-1, 2)).reshape(T, N, -1)
+    # KL(N(μ, Σ) ‖ N(0, I)) = ½‖μ‖² + KL(N(0, Σ) ‖ N(0, I)): the second part once per Σ
+    kl_sigma = gaussian_kl(torch.zeros_like(L[..., 0]).reshape(-1, 2), L.reshape(-1, 2, 2))
+    kl = 0.5 * (mu ** 2).sum(-1) + kl_sigma.reshape(L.shape[:2])
+    constant = math.log(2 * math.pi * NOISE_STD ** 2)                          # (D/2) log 2πσ², D = 2
+    return (nll @ weights + kl).mean(1) + constant
+
+
+def train(params, fixed, X: Tensor, setting: Setting, training: Training,
+          progress: Optional[Progress] = None) -> Tensor:
+    """Full-batch steps with the stepwise schedule; returns the final −ELBO per trial (T,)."""
+    rule = hermite_rule(training.quadrature, X.dtype)
+    loss_of = lambda: negative_elbo(params, fixed, X, nonlinearity=setting.nonlinearity,  # noqa: E731
+                                    covariance=setting.covariance, rule=rule)
+    opt_class = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
+    opt = opt_class(list(params.values()), lr=training.lr)
+    n = setting.steps_per_stage
+    total = training.stages * n
+    for step in range(total):
+        for group in opt.param_groups:
+            group["lr"] = training.lr * 10.0 ** -(step // n)
+        loss = loss_of()
+        opt.zero_grad(set_to_none=True)
+        # finite trials only: a diverged trial keeps its NaN and the others go on
+        torch.nan_to_num(loss, nan=0.0, posinf=0.0).sum().backward()
+        opt.step()
+        if progress is not None:
+            progress.update(step + 1)
+    with torch.no_grad():
+        return loss_of()
+
+
+def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64,
+               progress: Optional[Progress] = None) -> dict:
+    """Train the trials of one setting as one batched computation and measure them.
+
+    Args:
+        seeds: per trial, (data seed, initialisation seed); see :func:`trial_seeds`.
+    Returns lists over trials: elbo (nats per point), angle (degrees, true latents vs posterior
+    means), principal_angle (vs W's right singular vectors), and the seeds."""
+    data, params, fixed = simulate(seeds, setting, training, dtype)
+    neg_elbo = train(params, fixed, data.X, setting, training, progress)
+    with torch.no_grad():
+        mu, _ = posterior(params, fixed, data.X, setting.covariance)
+        V = torch.linalg.svd(data.W).Vh.mT                                   # W = U S Vᵀ
+        ok = torch.isfinite(mu).all(-1).all(-1) & torch.isfinite(neg_elbo)
+        safe = torch.where(ok[:, None, None], mu, data.Z)
+        angle = torch.where(ok, latent_angle(data.Z, safe), torch.nan)
+        principal = torch.where(ok, latent_angle(data.Z @ V, safe), torch.nan)
+    return {"seeds": [list(p) for p in seeds], "elbo": (-neg_elbo).tolist(), "angle": angle.tolist(),
+            "principal_angle": principal.tolist()}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+QUICK = dict(nonlinearities=("identity", "tanh"), steps=(100, 400, 1600), trials=6, num_points=1000)
+FULL = dict(nonlinearities=tuple(NONLINEARITIES), steps=PAPER_STEPS, trials=20, num_points=4000)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--mixing", choices=MIXINGS, default="orthogonal",
+                        help="W = rotation·diag(2,1) (identifiable, default) or Gaussian entries with "
+                             "column norms 2 and 1 (the paper's wording)")
+    parser.add_argument("--nonlinearities", nargs="+", choices=tuple(NONLINEARITIES))
+    parser.add_argument("--inference", nargs="+", choices=INFERENCE, default=list(INFERENCE))
+    parser.add_argument("--steps", nargs="+", type=int, metavar="N",
+                        help="n values: lr drops 10× every n steps for 5n steps (paper: 100 … 20000)")
+    parser.add_argument("--trials", type=int, help="trials per setting (paper: 20, 100 for n ≥ 10000)")
+    parser.add_argument("--points", type=int, help="data points per trial (paper: 4000)")
+    parser.add_argument("--optimizer", choices=("adam", "gd"), default="adam",
+                        help="full-batch Adam (default) or plain gradient descent")
+    parser.add_argument("--lr", type=float, default=0.05, help="initial step size (paper: 0.1 with GD)")
+    parser.add_argument("--quadrature", type=int, default=3, help="Gauss–Hermite points per latent axis")
+    parser.add_argument("--tolerance", type=float, default=1e-3,
+                        help="the summary's near-best runs: ELBO within this many nats/point of the "
+                             "best run on the same data set")
+
+
+def _config(args) -> tuple[Training, dict]:
+    base = QUICK if args.quick else FULL
+    training = Training(num_points=args.points or base["num_points"], mixing=args.mixing,
+                        optimizer=args.optimizer, lr=args.lr, quadrature=args.quadrature,
+                        seed=args.seed)
+    grid = dict(nonlinearities=tuple(args.nonlinearities or base["nonlinearities"]),
+                inference=tuple(args.inference), covariances=COVARIANCES,
+                steps=tuple(args.steps or base["steps"]), trials=args.trials)
+    for name, value in (("--steps", min(grid["steps"])), ("--points", training.num_points),
+                        ("--quadrature", training.quadrature), ("--trials", args.trials or 1)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return training, grid
+
+
+def trials_for(n: int, grid: dict, quick: bool) -> int:
+    if grid["trials"]:
+        return grid["trials"]
+    return QUICK["trials"] if quick else (100 if n >= 10000 else 20)
+
+
+def flatten(runs: dict) -> list[dict]:
+    """One row per trained model, with ``gap`` = ELBO − the best ELBO reached on the same data set
+    by the same (ν, inference, Σ) over all n (0 for the best run; None if it diverged)."""
+    rows = []
+    for key, rec in runs.items():
+        nu, inference, cov, n = key.split("/")
+        for t, (e, a, p) in enumerate(zip(rec["elbo"], rec["angle"], rec["principal_angle"])):
+            rows.append(dict(nonlinearity=nu, inference=inference, covariance=cov,
+                             n=int(n[2:]), trial=t, elbo=e, angle=a, principal_angle=p))
+    best: dict[tuple, float] = {}
+    for r in rows:
+        if r["elbo"] is not None:
+            k = (r["nonlinearity"], r["inference"], r["covariance"], r["trial"])
+            best[k] = max(best.get(k, -math.inf), r["elbo"])
+    for r in rows:
+        k = (r["nonlinearity"], r["inference"], r["covariance"], r["trial"])
+        r["gap"] = None if r["elbo"] is None else r["elbo"] - best[k]
+    return rows
+
+
+def summarise(rows: list[dict], tolerance: float) -> list[dict]:
+    """Per (ν, inference, Σ): |angle| of the best run on each data set, and of every run within
+    ``tolerance`` nats/point of that best (diagonal Σ should sit near 0°, full Σ should not)."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["nonlinearity"], r["inference"], r["covariance"]), []).append(r)
+    out = []
+    for (nu, inference, cov), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["gap"] is not None]
+        best = [r for r in ok if r["gap"] == 0.0]
+        near = [r for r in ok if r["gap"] >= -tolerance]
+        row = dict(nonlinearity=nu, inference=inference, covariance=cov, runs=len(rs),
+                   diverged=len(rs) - len(ok), data_sets=len(best), near_best_runs=len(near),
+                   tolerance=tolerance)
+        for name, sel in (("best", best), ("near_best", near)):
+            for k in ("angle", "principal_angle"):
+                a = np.abs([r[k] for r in sel]) if sel else np.array([np.nan])
+                row[f"{name}_{k}_median_abs"] = float(np.median(a))
+                row[f"{name}_{k}_max_abs"] = float(np.max(a))
+        out.append(row)
+    return out
+
+
+def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: str, path):
+    fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=True)
+    colours = {"diagonal": "tab:blue", "full": "tab:orange"}
+    for i, inf in enumerate(inference):
+        for j, nu in enumerate(nonlinearities):
+            ax = axes[i][j]
+            for cov, colour in colours.items():
+                pts = [(r["gap"], r[angle_key]) for r in rows if r["nonlinearity"] == nu
+                       and r["inference"] == inf and r["covariance"] == cov and r["gap"] is not None]
+                if pts:
+                    x, y = zip(*pts)
+                    ax.scatter(x, y, s=9, alpha=0.7, color=colour, label=f"{cov} Σ")
+            ax.set_xscale("symlog", linthresh=1e-4)
+            ax.set_ylim(-46, 46)
+            ax.set_title(f"ν = {nu}, {inf}", fontsize=9)
+            if i == len(inference) - 1:
+                ax.set_xlabel("ELBO − best ELBO on the same data", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("angle (degrees)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return plotting.save(fig, path)
+
+
+def run(args) -> int:
+    training, grid = _config(args)
+    config = {"training": asdict(training), "grid": grid, "quick": bool(args.quick)}
+    results = Results(args.out, "identifiability", config)
+    settings = [Setting(nu, inf, cov, n) for nu in grid["nonlinearities"] for inf in grid["inference"]
+                for cov in grid["covariances"] for n in grid["steps"]]
+    log(f"identifiability: {len(settings)} settings, {training.num_points} points, mixing "
+        f"{training.mixing}, {training.optimizer} lr {training.lr} ÷10 every n steps for "
+        f"{training.stages}n steps → {args.out}")
+    for i, s in enumerate(settings, 1):
+        if s.key in results:
+            log(f"[{i}/{len(settings)}] {s.key}: done already, skipped")
+            continue
+        T = trials_for(s.steps_per_stage, grid, args.quick)
+        progress = Progress(s.key, training.stages * s.steps_per_stage)
+        seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
+        rec = run_trials(seeds, s, training, progress=progress)
+        rec["seconds"] = progress.elapsed()
+        results.put(s.key, rec)
+        elbo = np.array([e if e is not None else np.nan for e in rec["elbo"]])
+        ang = np.abs(np.array([a if a is not None else np.nan for a in rec["angle"]]))
+        log(f"[{i}/{len(settings)}] {s.key}: {T} trials in {rec['seconds']:.1f} s, "
+            f"ELBO max {np.nanmax(elbo):.4f} median {np.nanmedian(elbo):.4f}, "
+            f"|angle| median {np.nanmedian(ang):.1f}°")
+    keys = {s.key for s in settings}
+    rows = flatten({k: r for k, r in results.runs.items() if k in keys})
+    summary = summarise(rows, args.tolerance)
+    results.put_summary(summary)
+    _print_summary(summary, training.mixing)
+    figures = [_figure(rows, grid["nonlinearities"], grid["inference"], "angle",
+                       "angle between true and inferred latents", args.out / "identifiability.png")]
+    if training.mixing == "gaussian":
+        figures.append(_figure(rows, grid["nonlinearities"], grid["inference"], "principal_angle",
+                               "angle between W's principal axes and inferred latents",
+                               args.out / "identifiability_principal.png"))
+    log("figures: " + ", ".join(map(str, figures)))
+    return 0
+
+
+def _print_summary(rows: list[dict], mixing: str) -> None:
+    log("\n|angle| (degrees) of the best run per data set and of the runs within tolerance of it; "
+        "diagonal Σ should sit near 0°, full Σ should not")
+    cols = [("best", "angle"), ("near_best", "angle")]
+    if mixing == "gaussian":
+        cols += [("best", "principal_angle"), ("near_best", "principal_angle")]
+    names = {"angle": "θ", "principal_angle": "θ_W"}
+    head = f"{'ν':9s} {'inference':12s} {'Σ':9s} {'runs':>5s} {'near':>5s}"
+    for sel, k in cols:
+        tag = f"{sel.replace('_', '-')} {names[k]}"
+        head += f" {tag + ' med':>16s} {'max':>6s}"
+    log(head)
+    for r in rows:
+        line = (f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} {r['runs']:5d} "
+                f"{r['near_best_runs']:5d}")
+        for sel, k in cols:
+            line += f" {r[f'{sel}_{k}_median_abs']:16.1f} {r[f'{sel}_{k}_max_abs']:6.1f}"
+        log(line)

@@ -1,0 +1,144 @@
+"""The paper's experiments (fastjac.experiments): the measurement tools against known answers,
+batched trials against the same trials run one by one, and each --quick path at toy size."""
+import argparse
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from fastjac.experiments import cli
+from fastjac.experiments import identifiability as ident
+from fastjac.experiments.procrustes import latent_angle, procrustes, rotation, rotation_angle
+
+SIGNED_PERMUTATIONS = [torch.tensor(p, dtype=torch.float64) * torch.tensor(s, dtype=torch.float64)
+                       for p in ([[1, 0], [0, 1]], [[0, 1], [1, 0]])
+                       for s in itertools.product((1, -1), repeat=2)]
+
+
+def reproduce(tmp_path, *argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args([*argv, "--out", str(tmp_path)]))
+
+
+def read_results(tmp_path):
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+
+
+# ------------------------------------------------------------------------------- Procrustes
+
+@pytest.mark.parametrize("degrees", [-44.0, -30.0, -7.5, 0.0, 12.0, 44.5])
+@pytest.mark.parametrize("perm", range(8))
+def test_procrustes_recovers_rotation_up_to_signed_permutation(degrees, perm):
+    g = torch.Generator().manual_seed(perm)
+    Z = torch.randn(500, 2, generator=g, dtype=torch.float64)
+    O = rotation(torch.tensor(math.radians(degrees), dtype=torch.float64)) @ SIGNED_PERMUTATIONS[perm]
+    M = Z @ O + 1e-3 * torch.randn(500, 2, generator=g, dtype=torch.float64)   # rows: Z = O M
+    assert latent_angle(Z, M).item() == pytest.approx(degrees, abs=0.05)
+
+
+def test_procrustes_is_the_least_squares_orthogonal_matrix():
+    g = torch.Generator().manual_seed(0)
+    Z, M = torch.randn(3, 2, 40, generator=g, dtype=torch.float64).unbind(0)[:2]
+    O = procrustes(Z, M)
+    torch.testing.assert_close(O @ O.T, torch.eye(2, dtype=torch.float64))
+    best = (Z - O @ M).norm()
+    t = torch.linspace(0, 2 * math.pi, 721, dtype=torch.float64)        # no rotation/reflection does better
+    others = torch.cat([rotation(t), rotation(t) @ torch.diag(torch.tensor([1.0, -1.0], dtype=torch.float64))])
+    assert bool((best <= (Z - others @ M).norm(dim=(-2, -1)) + 1e-12).all())
+
+
+def test_rotation_angle_range_and_batch_shape():
+    angles = torch.linspace(-180, 180, 97, dtype=torch.float64)
+    out = rotation_angle(rotation(torch.deg2rad(angles)).reshape(97, 1, 2, 2)).reshape(97)
+    assert bool(((out > -45) & (out <= 45 + 1e-9)).all())
+    torch.testing.assert_close(torch.remainder(out - angles + 1e-9, 90.0),
+                               torch.full_like(out, 1e-9), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="shape"):
+        rotation_angle(torch.eye(3))
+    with pytest.raises(ValueError, match="same shape"):
+        procrustes(torch.randn(2, 5), torch.randn(2, 6))
+
+
+# ------------------------------------------------------------------------- identifiability
+
+def _setting(nu="tanh", inference="amortised", covariance="full", n=3):
+    return ident.Setting(nu, inference, covariance, n)
+
+
+def test_identity_elbo_matches_closed_form():
+    """For ν = identity, E_q‖x − Az − b‖² = ‖x − Aμ − b‖² + tr(AΣAᵀ): the quadrature is exact."""
+    training = ident.Training(num_points=50, quadrature=2)
+    for inference, cov in itertools.product(ident.INFERENCE, ident.COVARIANCES):
+        s = _setting("identity", inference, cov)
+        data, params, fixed = ident.simulate([(1, 2), (3, 4)], s, training)
+        with torch.no_grad():
+            got = ident.negative_elbo(params, fixed, data.X, nonlinearity="identity", covariance=cov,
+                                      rule=ident.hermite_rule(2))
+            mu, L = ident.posterior(params, fixed, data.X, cov)
+            A, b, S = params["A"], params["b"], L @ L.mT
+            resid = data.X - mu @ A.mT - b[:, None]
+            trace = (A[:, None] @ S @ A[:, None].mT).diagonal(dim1=-2, dim2=-1).sum(-1)
+            recon = ((resid ** 2).sum(-1) + trace) / (2 * ident.NOISE_STD ** 2)
+            kl = 0.5 * ((mu ** 2).sum(-1) + S.diagonal(dim1=-2, dim2=-1).sum(-1)
+                        - torch.logdet(S) - 2)
+            want = (recon + kl).mean(1) + math.log(2 * math.pi * ident.NOISE_STD ** 2)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
+
+
+def test_diagonal_posterior_keeps_only_the_diagonal_of_the_rotated_covariance():
+    s = _setting("tanh", "unamortised", "diagonal")
+    data, params, fixed = ident.simulate([(5, 6)], s, ident.Training(num_points=7))
+    with torch.no_grad():
+        _, L_diag = ident.posterior(params, fixed, data.X, "diagonal")
+        _, L_full = ident.posterior(params, fixed, data.X, "full")
+        O, D = fixed["O2"].reshape(-1, 1, 2, 2), params["D"]
+        S = O @ D @ D.mT @ O.mT
+    torch.testing.assert_close(L_full @ L_full.mT, S)
+    torch.testing.assert_close(L_diag @ L_diag.mT, torch.diag_embed(S.diagonal(dim1=-2, dim2=-1)))
+
+
+@pytest.mark.parametrize("inference", ident.INFERENCE)
+def test_batched_trials_equal_trials_run_one_by_one(inference):
+    s = _setting("tanh", inference, "diagonal", n=4)
+    training = ident.Training(num_points=40, quadrature=3, seed=1)
+    seeds = [ident.trial_seeds(1, s, t) for t in range(3)]
+    batched = ident.run_trials(seeds, s, training)
+    for t, pair in enumerate(seeds):
+        alone = ident.run_trials([pair], s, training)
+        for key in ("elbo", "angle", "principal_angle"):
+            assert alone[key][0] == pytest.approx(batched[key][t], rel=1e-9, abs=1e-9), key
+
+
+def test_trial_data_are_shared_across_settings_and_initialisations_are_not():
+    a, b = _setting(covariance="full", n=3), _setting(covariance="diagonal", n=9)
+    (da, ia), (db, ib) = ident.trial_seeds(0, a, 2), ident.trial_seeds(0, b, 2)
+    assert da == db and ia != ib
+
+
+def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_path, capsys):
+    argv = ["identifiability", "--quick", "--steps", "2", "--trials", "2", "--points", "16",
+            "--nonlinearities", "identity", "sigmoid", "--inference", "amortised",
+            "--mixing", "gaussian"]
+    assert reproduce(tmp_path, *argv) == 0
+    doc = read_results(tmp_path)
+    assert doc["experiment"] == "identifiability" and doc["config"]["quick"] is True
+    assert set(doc["runs"]) == {f"{nu}/amortised/{c}/n=2" for nu in ("identity", "sigmoid")
+                                for c in ("diagonal", "full")}
+    for rec in doc["runs"].values():
+        assert len(rec["elbo"]) == len(rec["angle"]) == 2
+        assert all(a is None or -45 < a <= 45 for a in rec["angle"] + rec["principal_angle"])
+    assert len(doc["summary"]) == 4
+    assert_png(tmp_path / "identifiability.png")
+    assert_png(tmp_path / "identifiability_principal.png")
+    capsys.readouterr()
+    assert reproduce(tmp_path, *argv) == 0                       # resume: nothing is redone
+    assert capsys.readouterr().out.count("done already, skipped") == 4
+    assert read_results(tmp_path)["runs"] == doc["runs"]
+    assert reproduce(tmp_path, *argv[:-1], "orthogonal") == 2    # other settings: refused
