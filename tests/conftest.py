@@ -5,6 +5,12 @@ import torch
 
 torch.set_default_dtype(torch.float32)
 
+# Without a GPU the Triton kernels are tested on the CPU through triton's interpreter, which
+# must be chosen before triton is imported (``import fastjac`` imports the Triton backends).
+# "auto" never picks triton for CPU tensors, so only tests that ask for it run it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

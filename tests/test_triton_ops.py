@@ -1,0 +1,238 @@
+"""Triton kernels against the float64 reference: forward and every gradient, awkward shapes,
+all three logdet schedules, poisoned outputs, non-contiguous J, dtypes and errors.
+
+Without a GPU these run on the CPU through TRITON_INTERPRET=1 (set in conftest.py before
+triton is imported); with one, natively on it.
+
+Tolerances: the kernels multiply the input's own values exactly and sum in fp32, and the
+reference here is computed in float64 from the *same rounded* inputs, so forward values of
+float32, float16 and bfloat16 inputs all meet float32's RTOL (1e-4). Gradients with respect to
+J and w leave in the input's dtype, so they meet that dtype's RTOL (its rounding of the result).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import fastjac  # noqa: E402
+from fastjac.ops import _dispatch  # noqa: E402
+from utils import RTOL, assert_close  # noqa: E402
+
+if _dispatch.availability()["triton"] is not None:
+    pytest.skip(f"triton backend unavailable: {_dispatch.availability()['triton']}", allow_module_level=True)
+
+from fastjac.ops import _triton  # noqa: E402
+from fastjac.ops.logdet_gram import triton as logdet_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not _triton.INTERPRETED:
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+D = 300  # not a multiple of the 32-row step; with B = 1 the Gram kernel splits D (atomic adds)
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every float buffer the launchers allocate starts as NaN, so unwritten elements show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
+@pytest.fixture
+def schedule(request, monkeypatch):
+    """Force one logdet schedule (fused, split, cusolver) instead of the size heuristic."""
+    monkeypatch.setattr(logdet_triton, "path", lambda *_: request.param)
+    return request.param
+
+
+def inputs(B, D, k, *, weighted, seed=0, layout="contiguous"):
+    """J (B, D, k) in float64, with the memory layout jacobian_columns returns when asked
+    ("permuted": a (k, B, D) buffer seen as (B, D, k); "sliced": every other column)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "permuted":
+        J = torch.randn(k, B, D, generator=g, dtype=torch.float64).permute(1, 2, 0)
+    elif layout == "sliced":
+        J = torch.randn(B, D, 2 * k, generator=g, dtype=torch.float64)[..., ::2]
+    else:
+        J = torch.randn(B, D, k, generator=g, dtype=torch.float64)
+    J = J / D ** 0.5 * 3  # column norms ~ 3, so M is well away from I and from singular
+    w = torch.rand(B, D, generator=g, dtype=torch.float64) + 0.1 if weighted else None
+    return J, w
+
+
+def check(call, J, w=None, beta=0.7, dtype=torch.float32, grads=True):
+    """call(J, beta, w, backend) by triton (``dtype`` on DEVICE) against torch in float64 on
+    the same rounded values: the output, then ∂/∂J, ∂/∂w, ∂/∂β of ⟨cotangent, output⟩."""
+    fast = [J.to(DEVICE, dtype), None if w is None else w.to(DEVICE, dtype),
+            torch.tensor(beta, dtype=torch.float32, device=DEVICE)]
+    ref = [None if t is None else t.detach().cpu().double() for t in fast]
+    leaves = [t for t in fast + ref if t is not None]
+    for t in leaves:
+        t.requires_grad_(grads)
+    out = call(fast[0], fast[2], fast[1], "triton")
+    expected = call(ref[0], ref[2], ref[1], "torch")
+    assert_close("forward", expected, out.cpu(), rtol=RTOL[torch.float32])
+    if not grads:
+        return
+    cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    have = [t for t in fast if t is not None]
+    want = [t for t in ref if t is not None]
+    got = torch.autograd.grad((out * cotangent.to(out.device, out.dtype)).sum(), have, allow_unused=True)
+    exp = torch.autograd.grad((expected * cotangent).sum(), want, allow_unused=True)
+    for name, e, g, leaf in zip(("dJ", "dw", "dbeta") if w is not None else ("dJ", "dbeta"), exp, got, have):
+        if e is None:  # β does not enter the orthogonality penalty
+            assert g is None, f"{name}: triton returned a gradient the reference does not have"
+            continue
+        assert g.dtype == leaf.dtype, f"{name} returned in {g.dtype}, the input is {leaf.dtype}"
+        assert_close(name, e, g.cpu(), rtol=RTOL[leaf.dtype])
+
+
+def logdet(J, beta, w, backend):
+    return fastjac.logdet_gram(J, beta, weights=w, backend=backend)
+
+
+def fischer(block_size):
+    return lambda J, beta, w, backend: fastjac.fischer_bound(J, beta, block_size=block_size,
+                                                             weights=w, backend=backend)
+
+
+def covariance(J, beta, w, backend):
+    return fastjac.optimal_posterior_covariance(J, beta, weights=w, backend=backend)
+
+
+def hadamard(J, beta, w, backend):
+    return fastjac.hadamard_bound(J, beta, weights=w, backend=backend)
+
+
+def sampled(probabilities):
+    return lambda J, beta, w, backend: fastjac.column_estimate(
+        J, beta, probabilities=probabilities.to(J.device), weights=w, backend=backend)
+
+
+def orthogonality(block_size):
+    return lambda J, beta, w, backend: fastjac.orthogonality_penalty(J, block_size=block_size,
+                                                                     weights=w, backend=backend)
+
+
+@pytest.mark.parametrize("schedule", logdet_triton.PATHS, indirect=True)
+@pytest.mark.parametrize("d", [1, 2, 3, 7, 16, 33])
+def test_logdet_every_schedule(schedule, d):
+    check(logdet, *inputs(1, D, d, weighted=True, seed=d))
+
+
+@pytest.mark.parametrize("d", [1, 3, 16, 33, 64, 128, 256])
+def test_logdet_default_schedule_unweighted(d):
+    check(logdet, *inputs(2, 70, d, weighted=False, seed=d))
+
+
+@pytest.mark.parametrize("schedule", ["fused", "split"], indirect=True)
+@pytest.mark.parametrize("d", [64, 128])
+def test_logdet_register_schedules_large_d(schedule, d):
+    check(logdet, *inputs(1, 40, d, weighted=True, seed=d), grads=False)
+
+
+def test_logdet_matches_slogdet():
+    """Brute force: log det(I + JᵀWJ/β) by LU in float64, no Cholesky involved."""
+    J, w = inputs(3, D, 9, weighted=True, seed=5)
+    M = torch.eye(9, dtype=torch.float64) + J.mT @ (w.unsqueeze(-1) * J) / 0.3
+    out = fastjac.logdet_gram(J.float().to(DEVICE), 0.3, weights=w.float().to(DEVICE), backend="triton")
+    assert_close("logdet", torch.linalg.slogdet(M).logabsdet, out.cpu(), rtol=RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("schedule", logdet_triton.PATHS, indirect=True)
+@pytest.mark.parametrize("d,block_size", [(7, 1), (7, 3), (16, 5), (33, 8)])
+def test_fischer_blocks(schedule, d, block_size):
+    check(fischer(block_size), *inputs(1, D, d, weighted=True, seed=block_size))
+
+
+@pytest.mark.parametrize("d", [1, 7, 33])
+def test_posterior_covariance(d):
+    check(covariance, *inputs(2, D, d, weighted=d > 1, seed=d))
+
+
+@pytest.mark.parametrize("k", [1, 7, 33, 130])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_hadamard(k, weighted):
+    check(hadamard, *inputs(1, D, k, weighted=weighted, seed=k))
+
+
+@pytest.mark.parametrize("B,k", [(1, 1), (3, 2), (2, 5)])
+def test_column_estimate(B, k):
+    p = torch.rand(B, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64) * 0.9 + 0.1
+    check(sampled(p), *inputs(B, D, k, weighted=True, seed=k))
+
+
+@pytest.mark.parametrize("k,block_size", [(2, 1), (7, 1), (7, 3), (33, 4)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_orthogonality(k, block_size, weighted):
+    check(orthogonality(block_size), *inputs(2, D, k, weighted=weighted, seed=k))
+
+
+def test_orthogonality_zero_column():
+    """A zero column has n = 0: its cos² are 0 and its gradient must stay finite (the reference's ε)."""
+    J, w = inputs(1, D, 4, weighted=True)
+    J[..., 2] = 0
+    check(orthogonality(1), J, w)
+
+
+OPERATORS = {"logdet": logdet, "fischer": fischer(3), "covariance": covariance, "hadamard": hadamard,
+             "orthogonality": orthogonality(2)}
+
+
+@pytest.mark.parametrize("layout", ["permuted", "sliced"])
+@pytest.mark.parametrize("name", OPERATORS)
+def test_non_contiguous_J(name, layout):
+    check(OPERATORS[name], *inputs(2, D, 7, weighted=True, seed=3, layout=layout))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", OPERATORS)
+def test_half_precision_inputs(name, dtype, weighted):
+    check(OPERATORS[name], *inputs(1, D, 16, weighted=weighted, seed=4), dtype=dtype)
+
+
+def test_scalar_weight_is_folded_into_beta():
+    J, _ = inputs(2, D, 5, weighted=False)
+    check(lambda J, beta, w, backend: fastjac.logdet_gram(J, beta, weights=2.5, backend=backend), J)
+
+
+def test_auto_never_picks_triton_on_cpu():
+    J = torch.randn(2, 10, 3)
+    assert _dispatch.resolve("logdet_gram", "auto", J, B=2, D=10, d=3) != "triton"
+
+
+@pytest.mark.parametrize("call", [logdet, hadamard, orthogonality(1)], ids=["logdet", "hadamard", "orthogonality"])
+def test_unsupported_inputs_raise(call):
+    with pytest.raises(ValueError, match="float64"):
+        call(torch.randn(1, 10, 3, dtype=torch.float64, device=DEVICE), 1.0, None, "triton")
+    with pytest.raises(ValueError, match="256"):
+        call(torch.randn(1, 4, 257, device=DEVICE), 1.0, None, "triton")
+    with pytest.raises(ValueError, match="dimensions"):
+        call(torch.randn(10, 3, device=DEVICE), 1.0, None, "triton")
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setattr(_triton, "INTERPRETED", False)
+    reason = _triton.unsupported(device_type="cpu", dtype=torch.float32, d=4)
+    assert reason is not None and "TRITON_INTERPRET" in reason
+
+
+def test_unknown_schedule_raises():
+    J, _ = inputs(1, 10, 3, weighted=False)
+    with pytest.raises(ValueError, match="schedule"):
+        logdet_triton.factorise(J.float().to(DEVICE), None, torch.tensor(1.0), 3, "lu")
+
+
+@pytest.mark.gpu
+def test_offsets_beyond_int32():
+    """J with more than 2³¹ elements: the last sample must match the reference."""
+    B, Dbig, d = 2, 2 ** 24 + 3, 64  # 2.1e9 elements in bfloat16 (4.3 GB)
+    J = torch.empty(B, Dbig, d, dtype=torch.bfloat16, device="cuda").normal_(0, 2 ** -12)
+    out = fastjac.logdet_gram(J, 1.0, backend="triton")
+    expected = fastjac.logdet_gram(J[1:].float(), 1.0, backend="torch")
+    assert_close("last sample", expected, out[1:], rtol=1e-3)
