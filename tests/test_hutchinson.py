@@ -88,6 +88,9 @@ def test_cg_batched_systems_stop_independently():
     assert int(cg.iterations.max()) == cg.alphas.shape[0] <= 40
     assert_close("batched CG", torch.linalg.solve(A, b), cg.solution, rtol=1e-9)
     assert (cg.alphas[cg.iterations[0]:, 0] == 0).all()      # a stopped system no longer moves
+    lam, Q = torch.linalg.eigh(A)                            # padding T past a system's stop adds nothing
+    expected = torch.einsum("bi,bij,bj->b", b, Q @ torch.diag_embed(lam.log()) @ Q.mT, b)
+    assert_close("quadrature", expected, lanczos_quadrature(cg, b), rtol=1e-9)
 
 
 def test_lanczos_quadrature_is_exact_on_a_complete_krylov_space():
