@@ -6,6 +6,8 @@ DistributedDataParallel sees one forward call), with ``loss(x)``, ``reconstruct(
 Taylor (Eq. 7) and exact GRAE (Eq. 12) values of one batch, for the paper's Fig. 3.
 A GRAE has no posterior of its own; its objectives use the posterior it implies,
 N(h(x), M⁻¹) with M = I + J_wᵀJ_w/β (Eq. 11), at which Taylor = GRAE.
+Decoder BatchNorm layers in training mode are handled by ``frozen_batch_statistics`` wherever
+a Jacobian is taken, so every Jacobian is per sample.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from ..jacobian import jacobian_columns
 from ..objectives import beta_vae_terms, grae_terms, taylor_beta_vae_loss
 from ..ops import optimal_posterior_covariance
 from ..regularizer import ESTIMATORS, observation_weights
+from .batchnorm import frozen_batch_statistics
 from .posterior import Posterior
 
 
@@ -102,13 +105,14 @@ class _Autoencoder(nn.Module):
         draws, taylor, grae = 0.0, 0.0, 0.0
         for chunk in torch.split(x, batch_size or len(x)):
             q = self.posterior_of(chunk)
-            t = beta_vae_terms(self.decoder, q.mean, q.scale_tril, chunk, beta, observation=obs,
-                               num_samples=num_samples, generator=generator)
-            draws = draws + (t.reconstruction + beta * t.kl).sum(1)                     # (S,)
-            taylor = taylor + taylor_beta_vae_loss(self.decoder, q.mean, q.scale_tril, chunk, beta,
-                                                   observation=obs, reduction="sum")
-            grae = grae + grae_terms(self.decoder, q.mean, chunk, beta, estimator="exact",
-                                     observation=obs).total.sum()
+            with frozen_batch_statistics(self.decoder, q.mean, update_running=False):
+                t = beta_vae_terms(self.decoder, q.mean, q.scale_tril, chunk, beta, observation=obs,
+                                   num_samples=num_samples, generator=generator)
+                draws = draws + (t.reconstruction + beta * t.kl).sum(1)                 # (S,)
+                taylor = taylor + taylor_beta_vae_loss(self.decoder, q.mean, q.scale_tril, chunk, beta,
+                                                       observation=obs, reduction="sum")
+                grae = grae + grae_terms(self.decoder, q.mean, chunk, beta, estimator="exact",
+                                         observation=obs).total.sum()
         draws = draws / len(x)
         return Objectives(draws.mean(), draws.std() / math.sqrt(num_samples), taylor / len(x), grae / len(x))
 
@@ -192,16 +196,19 @@ class GRAE(_Autoencoder):
     def posterior_of(self, x: Tensor) -> Posterior:
         """The implied posterior N(h(x), M⁻¹), M = I + J_wᵀJ_w/β at h(x) (Eq. 11)."""
         h = self.encoder(x)
-        out, J = jacobian_columns(self.decoder, h)
+        with frozen_batch_statistics(self.decoder, h, update_running=False):
+            out, J = jacobian_columns(self.decoder, h)
         w = observation_weights(self.observation, out, x)
         sigma = optimal_posterior_covariance(J, self.beta, weights=w)
         return Posterior(h, torch.linalg.cholesky(sigma))
 
     def forward(self, x: Tensor, *, generator: Optional[torch.Generator] = None) -> dict:
         """Per-sample terms (B,): loss, reconstruction, code, regularizer, orthogonality."""
-        t = grae_terms(self.decoder, self.encoder(x), x, self.beta, estimator=self.estimator,
-                       num_columns=self.num_columns, block_size=self.block_size,
-                       observation=self.observation, orthogonality_weight=self.orthogonality_weight,
-                       generator=generator)
+        z = self.encoder(x)
+        with frozen_batch_statistics(self.decoder, z, update_running=True):
+            t = grae_terms(self.decoder, z, x, self.beta, estimator=self.estimator,
+                           num_columns=self.num_columns, block_size=self.block_size,
+                           observation=self.observation, orthogonality_weight=self.orthogonality_weight,
+                           generator=generator)
         return {"loss": t.total, "reconstruction": t.reconstruction, "code": t.code,
                 "regularizer": t.regularizer, "orthogonality": t.orthogonality}

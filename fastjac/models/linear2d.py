@@ -102,7 +102,9 @@ class LinearGaussianEncoder(nn.Module):
                 raise ValueError("sigma must be diagonal for covariance='diagonal'")
             self.log_scale.copy_(0.5 * sigma.diagonal().log())
             return
-        L = torch.linalg.cholesky(self.O2.mT.to(sigma) @ sigma @ self.O2.to(sigma))
+        O2 = self.O2.to(sigma)  # solve, not transpose: O₂ is orthogonal only to its dtype's rounding
+        inner = torch.linalg.solve(O2, torch.linalg.solve(O2, sigma).mT).mT
+        L = torch.linalg.cholesky(0.5 * (inner + inner.mT))
         self.log_scale.copy_(L.diagonal().log())
         self.L_lower.copy_(torch.tril(L, -1))
 

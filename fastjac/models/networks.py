@@ -11,9 +11,9 @@ Choices App. D leaves open, made here:
 - a stride-1 "ConvT" is a convolution with a flipped kernel, so it is built as one (same size);
 - CelebA's decoder starts at 8×8, not the table's 16×16: three stride-2 layers from 16×16
   would give 128×128 images, not 64×64;
-- decoder normalisation: BatchNorm with batch statistics only (``norm="batch"``, no running
-  statistics: running-statistic updates are in-place writes that forward-mode Jacobians cannot
-  trace), or none (``norm="none"``, an exactly per-sample Jacobian, SPEC §5).
+- decoder normalisation: BatchNorm (``norm="batch"``; the models take per-sample Jacobians
+  through it with the batch statistics held constant, see ``batchnorm.py``) or none
+  (``norm="none"``).
 ``width`` multiplies every channel count (1.0 is the paper's), so tests can shrink the nets.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int, transposed: bool = Fa
 
 def _decoder_norm(norm: str, channels: int) -> nn.Module:
     if norm == "batch":
-        return nn.BatchNorm2d(channels, track_running_stats=False)
+        return nn.BatchNorm2d(channels)
     return nn.Identity()
 
 
