@@ -23,7 +23,9 @@ Pitfalls, and what happens here:
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -39,29 +41,56 @@ class BatchCouplingWarning(UserWarning):
     """The decoder normalises with batch statistics, so its per-sample Jacobian is not defined."""
 
 
+_MISSING = object()
+
+
+def _contents(result) -> str:
+    """What a decoder's return value holds, for error messages."""
+    if isinstance(result, Mapping):
+        return f"keys {list(result)}"
+    if dataclasses.is_dataclass(result):
+        return f"fields {[f.name for f in dataclasses.fields(result)]}"
+    if isinstance(result, tuple) and hasattr(result, "_fields"):
+        return f"fields {list(result._fields)}"
+    if isinstance(result, (tuple, list)):
+        return f"{len(result)} items"
+    names = [n for n in getattr(result, "__dict__", {}) if not n.startswith("_")]
+    return f"attributes {names}"
+
+
+def _lookup(result, key):
+    try:
+        return result[key]
+    except (KeyError, IndexError, TypeError):
+        return getattr(result, key, _MISSING) if isinstance(key, str) else _MISSING
+
+
 def select_output(result, output: Selector) -> Tensor:
-    """The tensor the regulariser acts on, out of whatever the decoder returned."""
+    """The tensor the regulariser acts on, out of whatever the decoder returned.
+
+    ``output``: None (the decoder returns a Tensor), a key or attribute name (dict, dataclass,
+    named tuple, ModelOutput-like object), an index (tuple, list) or a callable of the result.
+    """
+    kind = type(result).__name__
     if output is None:
         if isinstance(result, Tensor):
             return result
         raise TypeError(
-            f"decoder returned {type(result).__name__}, not a Tensor; pass output= "
+            f"decoder returned a {kind} ({_contents(result)}), not a Tensor; pass output= "
             "(a key, an index or a callable) to say which part is the reconstruction")
     if callable(output):
         selected = output(result)
+    elif isinstance(result, Tensor):
+        raise TypeError(f"output={output!r} selects a part of a tuple, dict or object, but the decoder "
+                        "returned a Tensor; leave output=None")
     else:
-        try:
-            selected = result[output]
-        except (KeyError, IndexError, TypeError):
-            try:
-                selected = getattr(result, output) if isinstance(output, str) else None
-            except AttributeError:
-                selected = None
-            if selected is None:
-                raise ValueError(f"output={output!r} selects nothing in the decoder's "
-                                 f"{type(result).__name__} output") from None
+        selected = _lookup(result, output)
+        if selected is _MISSING:
+            raise ValueError(f"output={output!r} selects nothing in the decoder's {kind} output "
+                             f"({_contents(result)})")
     if not isinstance(selected, Tensor):
-        raise TypeError(f"output={output!r} selected a {type(selected).__name__}, expected a Tensor")
+        raise TypeError(f"output={output!r} selected a {type(selected).__name__} from the decoder's "
+                        f"{kind} output, expected a Tensor")
     return selected
 
 

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _validation as check
 from . import observations
+from ._decoders import estimator_precision
 from .jacobian import Selector, jacobian_columns
 from .ops._gram import accumulation_dtype
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
@@ -177,15 +178,22 @@ def regularizer_terms(decoder, z, beta, *, x=None, settings: Settings, observati
     """Validate everything, run the estimator once, and return the per-sample terms."""
     if not callable(decoder):
         raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
-    check.tensor("z", z, ndim=2)
-    check.finite("z", z)
-    beta = check.beta(beta)
-    s = settings
+def check_settings(s: Settings) -> None:
+    """Raise ValueError/TypeError naming the first invalid setting (no decoder call needed)."""
     check.choice("estimator", s.estimator, ESTIMATORS)
     check.positive_int("num_columns", s.num_columns)
     check.positive_int("block_size", s.block_size)
     if not (isinstance(s.orthogonality_weight, (int, float)) and s.orthogonality_weight >= 0):
         raise ValueError(f"orthogonality_weight must be a number >= 0, got {s.orthogonality_weight!r}")
+    if s.chunk_size is not None:
+        check.positive_int("chunk_size", s.chunk_size)
+
+
+    check.tensor("z", z, ndim=2)
+    check.finite("z", z)
+    beta = check.beta(beta)
+    s = settings
+    check_settings(s)
     obs = observations.get(observation)
     if x is not None:
         check.tensor("x", x, ndim=range(1, 9))
@@ -195,11 +203,13 @@ def regularizer_terms(decoder, z, beta, *, x=None, settings: Settings, observati
     elif getattr(obs, "needs_x_for_weights", False):
         raise ValueError(f"x is required for observation={observation!r}: its weights w depend on the "
                          "data (SPEC §2); pass x=<the batch being reconstructed>")
-    est = ESTIMATORS[s.estimator](decoder, z, beta, obs, x, s)
+    with estimator_precision(decoder) as traceable:  # no DDP/compile wrapper; autocast only inside it
+        est = ESTIMATORS[s.estimator](traceable, z, beta, obs, x, s)
     if x is not None and x.numel() != est.out.numel():
         raise ValueError(f"x must hold one target per decoder output: x has shape {tuple(x.shape)}, "
                          f"the decoder returned {tuple(est.out.shape)}")
-    recon = None if x is None else obs.nll(est.out, x.reshape(est.out.shape).to(est.out.dtype))
+    out = est.out.to(accumulation_dtype(est.out.dtype))  # a bf16/fp16 output's NLL sums in fp32
+    recon = None if x is None else obs.nll(out, x.reshape(out.shape).to(out.dtype))
     half_beta = beta / 2
     code = half_beta * (z.to(est.R.dtype) ** 2).sum(-1)
     ortho = torch.zeros_like(est.R) if est.orthogonality is None else s.orthogonality_weight * est.orthogonality
@@ -218,12 +228,20 @@ def jacobian_regularizer(decoder: Callable, z: Tensor, beta, *, x: Optional[Tens
     Add it to your own autoencoder's loss: ``loss = my_loss + jacobian_regularizer(dec, z, beta)``.
 
     Args:
-        decoder: callable (B, d) -> (B, *out_shape) acting per sample (wrap extra inputs in a
-            lambda or ``functools.partial``); ``output`` selects the tensor from tuple/dict outputs.
+        decoder: callable (B, d) -> (B, *out_shape) acting per sample. Extra inputs (a
+            conditional decoder(z, y)): pass ``functools.partial(decoder, y=y)`` or a lambda.
+            ``DistributedDataParallel``/``DataParallel``/``torch.compile`` wrappers are looked
+            through (their forward cannot run under torch.func); DDP still all-reduces the
+            gradients when its own forward ran in the same step (e.g. for the reconstruction).
+            Under ``torch.autocast`` the decoder runs in reduced precision and the regulariser
+            accumulates in float32.
         z: (B, d) codes, beta: β > 0.
-        x: the data, needed only when w depends on it (``observation="bernoulli"``).
+        x: the data (B, *out_shape), needed only when w depends on it (``observation="bernoulli"``).
         estimator: "exact" (d JVPs), "fischer" (d), "hadamard" (d), "frobenius" (d),
-            "stochastic" (k = num_columns JVPs, or k blocks of block_size).
+            "stochastic" (k = num_columns JVPs, or k blocks of block_size), "hutchinson_cg"
+            (CG iterations × num_probes JVP+VJP pairs); see the README's estimator table.
+        output: which part of a tuple/dict/object output is the reconstruction: a key, an
+            attribute name, an index or a callable.
         reduction: "mean" | "sum" | "none" over the batch.
     Returns:
         A scalar, or (B,) for reduction="none".
@@ -238,3 +256,4 @@ def jacobian_regularizer(decoder: Callable, z: Tensor, beta, *, x: Optional[Tens
                  output, backend, num_probes, cg_max_iter, cg_tol)
     t = regularizer_terms(decoder, z, beta, x=x, settings=s, observation=observation)
     return reduce(t.regularizer + t.orthogonality, reduction)
+    check.choice("reduction", reduction, REDUCTIONS)
