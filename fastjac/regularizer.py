@@ -174,10 +174,6 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
     return values
 
 
-def regularizer_terms(decoder, z, beta, *, x=None, settings: Settings, observation="gaussian") -> Terms:
-    """Validate everything, run the estimator once, and return the per-sample terms."""
-    if not callable(decoder):
-        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
 def check_settings(s: Settings) -> None:
     """Raise ValueError/TypeError naming the first invalid setting (no decoder call needed)."""
     check.choice("estimator", s.estimator, ESTIMATORS)
@@ -189,6 +185,10 @@ def check_settings(s: Settings) -> None:
         check.positive_int("chunk_size", s.chunk_size)
 
 
+def regularizer_terms(decoder, z, beta, *, x=None, settings: Settings, observation="gaussian") -> Terms:
+    """Validate everything, run the estimator once, and return the per-sample terms."""
+    if not callable(decoder):
+        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
     check.tensor("z", z, ndim=2)
     check.finite("z", z)
     beta = check.beta(beta)
@@ -252,8 +252,8 @@ def jacobian_regularizer(decoder: Callable, z: Tensor, beta, *, x: Optional[Tens
         >>> jacobian_regularizer(dec, z, beta=0.5).shape
         torch.Size([])
     """
+    check.choice("reduction", reduction, REDUCTIONS)
     s = Settings(estimator, num_columns, block_size, orthogonality_weight, generator, chunk_size,
                  output, backend, num_probes, cg_max_iter, cg_tol)
     t = regularizer_terms(decoder, z, beta, x=x, settings=s, observation=observation)
     return reduce(t.regularizer + t.orthogonality, reduction)
-    check.choice("reduction", reduction, REDUCTIONS)
