@@ -17,11 +17,11 @@ def assert_close(name, ref, out, rtol=None, atol=0.0):
     rtol = RTOL[ref.dtype] if rtol is None else rtol
     bad = ~torch.isfinite(out)
     assert not bad.any(), f"{name}: non-finite values at {bad.nonzero().tolist()[:10]}"
-    ref64, out64 = ref.double(), out.double()
+    ref64, out64 = ref.detach().double(), out.detach().double()
     scale = ref64.abs().max().clamp_min(1e-30)
     err = (out64 - ref64).abs().max() / scale
     assert err <= rtol + atol / float(scale), f"{name}: max relative error {float(err):.3e} > {rtol:.1e}"
-    return float(err)
+    return float(err.detach())
 
 
 def mlp_decoder(d, D, hidden=32, dtype=torch.float64, seed=0):

@@ -1,0 +1,244 @@
+"""GRAE, β-VAE and Taylor objectives (SPEC §4) against brute force, identities and unbiasedness."""
+import math
+
+import pytest
+import torch
+
+import fastjac
+from decoders import brute_jacobian, conv_decoder
+from utils import assert_close, mlp_decoder
+
+BETA = 0.6
+
+
+def _setup(kind, observation, B=3, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mlp":
+        net = mlp_decoder(d, 10, seed=seed)
+        dec = (lambda z: torch.sigmoid(net(z))) if observation == "bernoulli" else net
+        params = list(net.parameters())
+        shape = (B, 10)
+    else:
+        dec = conv_decoder(d, seed=seed)
+        params = list(dec.parameters())
+        shape = (B, 1, 8, 8)
+    z = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    if observation == "bernoulli":
+        x = (x > 0.5).double()
+    return dec, params, z, x
+
+
+def _weights(observation, out, x):
+    if observation == "gaussian":
+        return torch.ones_like(out).reshape(out.shape[0], -1)
+    if observation == "bernoulli":
+        return (x / out ** 2 + (1 - x) / (1 - out) ** 2).reshape(out.shape[0], -1)
+    p = torch.sigmoid(out)
+    return (p * (1 - p)).reshape(out.shape[0], -1)
+
+
+def _nll(observation, out, x):
+    if observation == "gaussian":
+        return 0.5 * ((x - out) ** 2).flatten(1).sum(-1)
+    if observation == "bernoulli":
+        return -(x * out.log() + (1 - x) * (1 - out).log()).flatten(1).sum(-1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(-1)
+
+
+def brute_grae(dec, z, x, beta, observation, regulariser):
+    out = dec(z)
+    J = brute_jacobian(dec, z, create_graph=True)
+    w = _weights(observation, out, x)
+    Jw = J * w.sqrt().unsqueeze(-1)
+    d = z.shape[1]
+    G = Jw.mT @ Jw
+    if regulariser == "exact":
+        R = torch.linalg.slogdet(torch.eye(d, dtype=z.dtype) + G / beta)[1]
+    elif regulariser == "hadamard":
+        R = torch.log1p(G.diagonal(dim1=-2, dim2=-1) / beta).sum(-1)
+    elif regulariser == "fischer":  # blocks of 2
+        R = sum(torch.linalg.slogdet(torch.eye(min(2, d - s), dtype=z.dtype) + G[:, s:s + 2, s:s + 2] / beta)[1]
+                for s in range(0, d, 2))
+    else:  # frobenius
+        R = G.diagonal(dim1=-2, dim2=-1).sum(-1) / beta
+    return _nll(observation, out, x) + beta / 2 * (z ** 2).sum(-1) + beta / 2 * R
+
+
+CASES = [("mlp", "gaussian", "exact"), ("mlp", "bernoulli", "exact"), ("mlp", "bernoulli_logits", "exact"),
+         ("conv", "gaussian", "exact"), ("mlp", "gaussian", "hadamard"), ("mlp", "bernoulli", "fischer"),
+         ("mlp", "gaussian", "frobenius")]
+
+
+@pytest.mark.parametrize("kind,observation,estimator", CASES)
+def test_grae_value_and_gradients_match_brute_force(kind, observation, estimator):
+    dec, params, z, x = _setup(kind, observation)
+    ours = fastjac.grae_loss(dec, z, x, BETA, estimator=estimator, block_size=2, observation=observation,
+                             reduction="none")
+    ref = brute_grae(dec, z, x, BETA, observation, estimator)
+    assert_close("value", ref, ours)
+    g_ours = torch.autograd.grad(ours.sum(), [z, *params], allow_unused=True)
+    g_ref = torch.autograd.grad(ref.sum(), [z, *params], allow_unused=True)
+    for i, (a, b) in enumerate(zip(g_ours, g_ref)):
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert_close(f"grad {i}", b, a)
+
+
+def test_reductions_and_beta_tensor_gradient():
+    dec, _, z, x = _setup("mlp", "gaussian")
+    per = fastjac.grae_loss(dec, z, x, BETA, reduction="none")
+    assert per.shape == (3,)
+    assert_close("mean", per.mean(), fastjac.grae_loss(dec, z, x, BETA))
+    assert_close("sum", per.sum(), fastjac.grae_loss(dec, z, x, BETA, reduction="sum"))
+    beta = torch.tensor(BETA, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b: fastjac.grae_loss(dec, z.detach(), x, b), (beta,))
+
+
+def _fixed_J_decoder(J):
+    """A linear decoder with per-sample Jacobian J (B, D, d): g(z)_b = J_b z_b."""
+    return lambda z: (J @ z.unsqueeze(-1)).squeeze(-1)
+
+
+DRAWS = 2000
+
+
+def _draws(J, z, **kwargs):
+    """DRAWS independent draws per sample in one call: the batch is repeated DRAWS times."""
+    B = J.shape[0]
+    J_rep, z_rep = J.repeat(DRAWS, 1, 1), z.repeat(DRAWS, 1)
+    x = torch.zeros(DRAWS * B, J.shape[1], dtype=J.dtype)
+    t = fastjac.grae_terms(_fixed_J_decoder(J_rep), z_rep, x, BETA, estimator="stochastic", **kwargs)
+    return t.regularizer.reshape(DRAWS, B) * 2 / BETA, t.orthogonality.reshape(DRAWS, B)
+
+
+def _assert_unbiased(draws, target):
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert (se > 0).all()
+    assert ((mean - target).abs() <= 4.5 * se).all(), (mean, target, se)
+
+
+@pytest.mark.parametrize("block_size,num_columns", [(1, 1), (1, 3), (2, 1), (3, 2)])
+def test_stochastic_estimator_is_unbiased(block_size, num_columns):
+    g = torch.Generator().manual_seed(5)
+    B, D, d = 4, 9, 7
+    J = torch.randn(B, D, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, d, dtype=torch.float64)
+    z = torch.randn(B, d, generator=g, dtype=torch.float64)
+    target = (fastjac.hadamard_bound(J, BETA) if block_size == 1 else
+              fastjac.fischer_bound(J, BETA, block_size=block_size))
+    R, _ = _draws(J, z, num_columns=num_columns, block_size=block_size, generator=g)
+    _assert_unbiased(R, target)
+
+
+def test_stochastic_orthogonality_pair_is_unbiased():
+    g = torch.Generator().manual_seed(6)
+    B, D, d, b, lam = 3, 6, 5, 2, 0.3
+    J = torch.randn(B, D, d, generator=g, dtype=torch.float64)
+    z = torch.randn(B, d, generator=g, dtype=torch.float64)
+    _, ortho = _draws(J, z, block_size=b, orthogonality_weight=lam, generator=g)
+    _assert_unbiased(ortho / lam, fastjac.orthogonality_penalty(J, block_size=b))
+
+
+def test_full_estimators_add_the_exact_orthogonality_penalty():
+    dec, _, z, x = _setup("mlp", "gaussian")
+    J = fastjac.jacobian_columns(dec, z)[1]
+    t = fastjac.grae_terms(dec, z, x, BETA, estimator="exact", block_size=2, orthogonality_weight=0.7)
+    assert_close("orthogonality", 0.7 * fastjac.orthogonality_penalty(J, block_size=2), t.orthogonality)
+
+
+def test_seeds_give_different_draws_and_the_same_seed_repeats():
+    dec, _, z, x = _setup("mlp", "gaussian", d=6)
+
+    def run(seed):
+        return fastjac.grae_loss(dec, z, x, BETA, estimator="stochastic", reduction="none",
+                                 generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_stochastic_computes_only_drawn_columns():
+    dec = mlp_decoder(8, 10)
+    seen = []
+
+    def counted(z):
+        out = dec(z)
+        seen.append(out)
+        return out
+
+    z = torch.randn(2, 8, dtype=torch.float64)
+    _, J = fastjac.jacobian_columns(dec, z, torch.tensor([[1], [3]]))
+    fastjac.jacobian_regularizer(counted, z, BETA, estimator="stochastic", num_columns=1)
+    assert len(seen) == 1  # one primal pass carrying k = 1 tangent
+
+
+def _posterior(B, d, seed, block=None):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(B, d, d, generator=g, dtype=torch.float64).tril(-1) * 0.3
+    C = C + torch.diag_embed(torch.rand(B, d, generator=g, dtype=torch.float64) + 0.3)
+    if block is not None:
+        ids = torch.arange(d) // block
+        C = C * (ids[:, None] == ids[None, :])
+    mu = torch.randn(B, d, generator=g, dtype=torch.float64)
+    return mu, C
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mu, C = _posterior(3, 4, 0)
+    q = torch.distributions.MultivariateNormal(mu, scale_tril=C)
+    p = torch.distributions.MultivariateNormal(torch.zeros(4, dtype=torch.float64),
+                                               torch.eye(4, dtype=torch.float64))
+    assert_close("kl", torch.distributions.kl_divergence(q, p), fastjac.gaussian_kl(mu, C))
+
+
+@pytest.mark.parametrize("observation", ["gaussian", "bernoulli_logits"])
+def test_taylor_minus_grae_is_the_analytic_gap(observation):
+    """Taylor(Σ) − GRAE = (β/2)[tr(MΣ) − log det(MΣ) − d] ≥ 0 for any Σ, any decoder (SPEC §4)."""
+    B, d = 3, 4
+    dec = mlp_decoder(d, 10, seed=2)
+    mu, C = _posterior(B, d, 1, block=2)
+    x = torch.rand(B, 10, dtype=torch.float64)
+    taylor = fastjac.taylor_beta_vae_loss(dec, mu, C, x, BETA, observation=observation, reduction="none")
+    grae = fastjac.grae_loss(dec, mu, x, BETA, observation=observation, reduction="none")
+    out, J = fastjac.jacobian_columns(dec, mu)
+    w = fastjac.observations.get(observation).weights(out, x)
+    w = w.reshape(B, -1) if isinstance(w, torch.Tensor) else w
+    Jw = J * (w.sqrt().unsqueeze(-1) if isinstance(w, torch.Tensor) else 1)
+    M = torch.eye(d, dtype=torch.float64) + Jw.mT @ Jw / BETA
+    MS = M @ C @ C.mT
+    gap = BETA / 2 * (MS.diagonal(dim1=-2, dim2=-1).sum(-1) - torch.linalg.slogdet(MS)[1] - d)
+    assert (gap > 0).all()
+    assert_close("gap", gap, taylor - grae)
+
+
+def test_linear_decoder_optimal_posterior_taylor_and_beta_vae_equal_grae():
+    """Linear g: Taylor is exact, and with Σ = M⁻¹ the β-VAE objective equals GRAE (SPEC §4)."""
+    B, d, D = 3, 3, 7
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(d, D).double()
+    mu = torch.randn(B, d, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    J = lin.weight.expand(B, D, d)
+    sigma = fastjac.optimal_posterior_covariance(J, BETA)
+    C = torch.linalg.cholesky(sigma)
+    grae = fastjac.grae_loss(lin, mu, x, BETA, reduction="none")
+    taylor = fastjac.taylor_beta_vae_loss(lin, mu, C, x, BETA, reduction="none")
+    assert_close("Taylor = GRAE", grae, taylor)
+    t = fastjac.beta_vae_terms(lin, mu, C, x, BETA, num_samples=20000, generator=g)
+    se = t.reconstruction.std(0) / math.sqrt(20000)
+    assert ((t.per_sample - grae).abs() <= 4.5 * se).all()
+    # any other Σ is worse in expectation (the gap is > 0)
+    taylor_other = fastjac.taylor_beta_vae_loss(lin, mu, C * 1.3, x, BETA, reduction="none")
+    assert (taylor_other > grae).all()
+
+
+def test_beta_vae_loss_is_reparameterised_mean():
+    dec = mlp_decoder(3, 5, seed=4)
+    mu, C = _posterior(2, 3, 4)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    loss = fastjac.beta_vae_loss(dec, mu, C, x, BETA, num_samples=3, reduction="none", generator=gen)
+    eps = torch.randn((3, 2, 3, 1), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = mu + (C @ eps).squeeze(-1)
+    recon = 0.5 * ((dec(z) - x) ** 2).sum(-1).mean(0)
+    assert_close("beta-vae", recon + BETA * fastjac.gaussian_kl(mu, C), loss)
