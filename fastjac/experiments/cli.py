@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import torch
+
 EXPERIMENTS = {
     "identifiability": "mean-field posteriors pick the true latent axes (Fig. 1, 5, 6; App. C)",
     "structure": "posterior precision vs decoder JᵀJ block structure (Fig. 2, 7; App. E)",
@@ -34,6 +36,8 @@ def _common(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced grid that runs in minutes on a CPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device for training (e.g. cuda)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch during the run (1 is "
+                        "fastest for these small networks on a busy machine; default: torch's)")
 
 
 def add_arguments(parser) -> None:
@@ -47,8 +51,15 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     module = args._experiments()[args.experiment]
+    threads = torch.get_num_threads()
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         return int(module.run(args) or 0)
     except ValueError as e:  # bad settings or an incompatible results.json: say so, no traceback
         print(f"fastjac reproduce {args.experiment}: {e}")
         return 2
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,135 @@
+"""Fig. 2, 7 (App. E): the posterior precision Σ⁻¹ and the decoder's JᵀJ share their block structure.
+
+Eq. 11: the optimal block-diagonal posterior has Σ⁻¹ = I + blockdiag(JᵀJ)/β (Gaussian observations,
+σ = 1), and a decoder trained with it is pushed towards JᵀJ with little energy outside the blocks.
+For β-VAEs with block-diagonal posteriors (b ∈ {2, 3}) we report, per (β, d, b) and as medians
+over held-out points:
+- ``off_block_fraction``: the fraction of JᵀJ's off-diagonal energy (squared entries) that lies
+  outside the posterior blocks, beside ``chance``, the fraction of off-diagonal entries outside
+  the blocks (what an unstructured JᵀJ would give);
+- ``relative_error``: ‖β(Σ⁻¹ − I) − JᵀJ‖_F / ‖JᵀJ‖_F (Eq. 11 against the whole JᵀJ), and
+  ``relative_error_in_blocks``: the same against JᵀJ's block-diagonal part (Eq. 11 exactly);
+and draw Σ⁻¹ beside JᵀJ for a few held-out points.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..jacobian import jacobian_columns
+from ..models import block_mask
+from ..regularizer import observation_weights
+from . import common, plotting
+from . import data as datasets
+from .results import Results, log
+
+# (β, d, b) of the paper's Fig. 7 panels
+PAPER_MODELS = ((0.2, 8, 2), (0.4, 8, 2), (0.6, 12, 2), (1.0, 8, 2), (0.4, 12, 3), (0.6, 8, 3), (0.8, 20, 3))
+QUICK = dict(models=((0.05, 8, 2), (0.2, 8, 2), (0.05, 12, 3), (0.2, 12, 3)), train_steps=400,
+             test_points=500, shown_points=2)
+FULL = dict(models=PAPER_MODELS, train_steps=20000, test_points=5000, shown_points=3)
+
+
+def add_arguments(parser) -> None:
+    common.add_data_arguments(parser)
+    parser.add_argument("--models", nargs="+", metavar="BETA,D,B",
+                        help="models as β,d,b triples (paper: the seven panels of Fig. 7)")
+    parser.add_argument("--test-points", type=int, help="held-out points measured")
+
+
+def _triples(specs) -> tuple:
+    out = []
+    for spec in specs:
+        try:
+            beta, d, b = spec.split(",")
+            out.append((float(beta), int(d), int(b)))
+        except ValueError:
+            raise ValueError(f"--models takes β,d,b triples such as 0.2,8,2; got {spec!r}") from None
+    return tuple(out)
+
+
+@torch.no_grad()
+def measure(model, x: torch.Tensor, block_size: int, batch_size: int = 250) -> dict:
+    """Per-point Σ⁻¹, JᵀJ (weighted, J_wᵀJ_w) and the structure numbers, as numpy arrays."""
+    precisions, grams = [], []
+    for chunk in torch.split(x, batch_size):
+        q = model.posterior_of(chunk)
+        out, J = jacobian_columns(model.decoder, q.mean)
+        w = observation_weights(model.observation, out, chunk)
+        Jw = J * (w.unsqueeze(-1).sqrt() if isinstance(w, torch.Tensor) and w.dim() == 2 else w ** 0.5)
+        grams.append(Jw.mT @ Jw)
+        precisions.append(torch.cholesky_inverse(q.scale_tril))
+    P, G = torch.cat(precisions), torch.cat(grams)
+    d, beta = G.shape[-1], model.beta
+    inside = block_mask(d, block_size)
+    off_diagonal = ~torch.eye(d, dtype=torch.bool)
+    energy = G ** 2
+    off_block = (energy * (~inside)).sum((-2, -1)) / (energy * off_diagonal).sum((-2, -1)).clamp_min(1e-300)
+    implied = beta * (P - torch.eye(d, dtype=P.dtype))
+    norm = lambda t: torch.linalg.matrix_norm(t).clamp_min(1e-300)  # noqa: E731
+    return dict(precision=P.numpy(), gram=G.numpy(), off_block_fraction=off_block.numpy(),
+                relative_error=(norm(implied - G) / norm(G)).numpy(),
+                relative_error_in_blocks=(norm(implied - G * inside) / norm(G * inside)).numpy(),
+                chance=float((~inside).sum() / off_diagonal.sum()))
+
+
+def run(args) -> int:
+    base = QUICK if args.quick else FULL
+    models = _triples(args.models) if args.models else base["models"]
+    for beta, d, b in models:
+        if not (beta > 0 and d >= 2 and 1 <= b <= d):
+            raise ValueError(f"--models: need β > 0, d >= 2 and 1 <= b <= d, got {beta},{d},{b}")
+    grid = dict(models=[list(m) for m in models], test_points=args.test_points or base["test_points"])
+    model_cfg = common.model_config(args, base["train_steps"])
+    split = datasets.load(args.dataset, args.data_dir)
+    test = split.test[: grid["test_points"]].double()
+    results = Results(args.out, "structure", {"model": model_cfg, "grid": grid, "quick": bool(args.quick),
+                                              "data": split.description})
+    log(f"structure: {split.description}; {model_cfg['architecture']} β-VAEs with block-diagonal "
+        f"posteriors, {model_cfg['train_steps']} steps each; {len(test)} held-out points → {args.out}")
+    shown = {}
+    for i, (beta, d, b) in enumerate(models, 1):
+        key = f"beta={beta:g}/d={d}/b={b}"
+        model, fitted = common.trained_autoencoder(
+            "beta-vae", split, model_cfg, out=args.out, name=f"structure-beta{beta:g}-d{d}-b{b}",
+            device=args.device, latent_dim=d, beta=beta, block_size=b)
+        m = measure(model.cpu().double(), test, b)       # cheap; recomputed for the figure
+        shown[key] = (m["precision"][: base["shown_points"]], m["gram"][: base["shown_points"]])
+        if key in results:
+            log(f"[{i}/{len(models)}] {key}: done already, skipped")
+            continue
+        rec = dict(beta=beta, latent_dim=d, block_size=b, chance=m["chance"], train=fitted,
+                   **{f"{k}_median": float(np.median(m[k])) for k in
+                      ("off_block_fraction", "relative_error", "relative_error_in_blocks")},
+                   **{f"{k}_quartiles": np.percentile(m[k], [25, 75]).tolist() for k in
+                      ("off_block_fraction", "relative_error", "relative_error_in_blocks")},
+                   gram_trace_median=float(np.median(np.trace(m["gram"], axis1=-2, axis2=-1))))
+        results.put(key, rec)
+        log(f"[{i}/{len(models)}] {key}: off-block energy {rec['off_block_fraction_median']:.3f} "
+            f"(chance {rec['chance']:.3f}), ‖β(Σ⁻¹−I) − JᵀJ‖/‖JᵀJ‖ {rec['relative_error_median']:.3f}")
+    rows = [results[f"beta={beta:g}/d={d}/b={b}"] for beta, d, b in models]
+    results.put_summary(dict(models=len(rows),
+                             below_chance=sum(r["off_block_fraction_median"] < r["chance"] for r in rows)))
+    log(f"\n{'β':>5s} {'d':>3s} {'b':>2s} {'off-block energy':>17s} {'chance':>7s} "
+        f"{'rel. err. (all)':>16s} {'rel. err. (blocks)':>19s} {'tr JᵀJ':>8s}")
+    for r in rows:
+        log(f"{r['beta']:5g} {r['latent_dim']:3d} {r['block_size']:2d} {r['off_block_fraction_median']:17.3f} "
+            f"{r['chance']:7.3f} {r['relative_error_median']:16.3f} {r['relative_error_in_blocks_median']:19.3f} "
+            f"{r['gram_trace_median']:8.2f}")
+    log(f"figure: {figure(shown, args.out / 'structure.png')}")
+    return 0
+
+
+def figure(shown: dict, path):
+    count = len(next(iter(shown.values()))[0])
+    fig, axes = plotting.panels(len(shown), 2 * count, width=1.7, height=1.8)
+    for row, (key, (P, G)) in zip(axes, shown.items()):
+        for k in range(count):
+            for col, (mat, name) in enumerate(((P[k], "Σ⁻¹"), (G[k], "JᵀJ"))):
+                ax = row[2 * k + col]
+                lim = np.abs(mat).max() or 1.0
+                ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
+                ax.set_xticks([]), ax.set_yticks([])
+                ax.set_title(f"{name}, point {k}", fontsize=7)
+        row[0].set_ylabel(key.replace("/", "\n"), fontsize=7)
+    return plotting.save(fig, path)
