@@ -152,13 +152,19 @@ def taylor_beta_vae_loss(decoder: Callable, mu: Tensor, scale_tril: Tensor, x: T
     """Taylor β-VAE (Eq. 7): −log p(x|g(μ)) + ½ tr(J_wᵀJ_w Σ) + β KL, Σ = CCᵀ.
 
     tr(J_wᵀJ_wΣ) = Σ_i ‖J_w C e_i‖²: d JVPs along C's columns, in the same pass as g(μ).
+    With ``chunk_size``, the JVPs go in chunks whose graphs are recomputed in backward
+    (memory follows the chunk, not d; see :mod:`fastjac.chunked`).
     """
     _posterior(mu, scale_tril)
     beta = check.beta(beta)
     B, d = mu.shape
     _data(x, B)
     obs = observations.get(observation)
-    out, JC = jacobian_columns(decoder, mu, directions=scale_tril, chunk_size=chunk_size, output=output)
+    if chunk_size is None:
+        out, JC = jacobian_columns(decoder, mu, directions=scale_tril, output=output)
+    else:
+        from .chunked import recomputed_columns
+        out, JC = recomputed_columns(decoder, mu, directions=scale_tril, chunk_size=chunk_size, output=output)
     if x.numel() != out.numel():
         raise ValueError(f"x has shape {tuple(x.shape)} but the decoder returned {tuple(out.shape)}")
     w = observation_weights(obs, out, x)

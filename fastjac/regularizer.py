@@ -86,7 +86,11 @@ def _ortho_from_full(J, w, s: Settings):
 
 
 def _full_jacobian(decoder, z, obs, x, s: Settings):
-    out, J = jacobian_columns(decoder, z, chunk_size=s.chunk_size, output=s.output)
+    if s.chunk_size is None:
+        out, J = jacobian_columns(decoder, z, output=s.output)
+    else:  # memory-bounded: chunks' tangent graphs are recomputed in backward (fastjac.chunked)
+        from .chunked import recomputed_columns
+        out, J = recomputed_columns(decoder, z, chunk_size=s.chunk_size, output=s.output)
     return out, J, observation_weights(obs, out, x)
 
 

@@ -1,0 +1,72 @@
+"""Memory-bounded Jacobians: all columns in chunks, each chunk's tangent graph recomputed in backward.
+
+Exact R = log det M needs all d columns, but its backward needs only ∂R/∂J = (2/β) W J M⁻¹
+(SPEC §5). So the forward pushes the tangents a chunk at a time and keeps only the columns
+J (B, D, d) — none of the decoder's tangent activations; ``logdet_gram`` factorises M once
+and keeps L; in backward each chunk's JVPs are re-run with graph (non-reentrant activation
+checkpointing) and (2/β) W J M⁻¹[:, c] flows through them, one chunk at a time. Peak memory
+then follows the chunk size, not d, at the cost of one more decoder pass per chunk.
+
+The decoder output is the first chunk's primal, so the reconstruction term, the weights
+w(g(z)) and J all come from one and the same output (gradients through w flow into it).
+Every chunk replays one random state, so dropout draws one mask for the primal and all
+tangents, also when the chunks are recomputed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from . import _validation as check
+from .jacobian import Selector, column_directions, jacobian_columns, random_state
+
+
+def _chunk(decoder, z, directions, output):
+    return jacobian_columns(decoder, z, directions=directions, output=output)
+
+
+def recomputed_columns(decoder: Callable, z: Tensor, *, chunk_size: int,
+                       directions: Optional[Tensor] = None, output: Selector = None):
+    """Decoder output and J @ directions (all d columns by default), whose backward re-runs the
+    decoder chunk by chunk instead of keeping every tangent's activations.
+
+    Same values and gradients as :func:`fastjac.jacobian_columns`; the forward keeps z, the
+    directions and J; backward holds one chunk's tangent graph at a time.
+
+    Args:
+        decoder: callable (B, d) -> (B, *out_shape), acting per sample (see jacobian_columns).
+        z: (B, d) codes.
+        chunk_size: columns pushed (and later recomputed) per decoder call.
+        directions: (B, d, k) tangent directions; None means the d unit columns.
+        output: selector for tuple/dict outputs.
+    Returns:
+        (out (B, *out_shape), J (B, D, k)).
+
+    Example:
+        >>> dec = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ELU(), torch.nn.Linear(64, 100))
+        >>> out, J = recomputed_columns(dec, torch.randn(4, 8), chunk_size=2)
+        >>> J.shape
+        torch.Size([4, 100, 8])
+    """
+    if not callable(decoder):
+        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
+    check.tensor("z", z, ndim=2)
+    check.positive_int("chunk_size", chunk_size)
+    B, d = z.shape
+    if B == 0 or d == 0:
+        raise ValueError(f"z must be a non-empty (B, d) tensor, got shape {tuple(z.shape)}")
+    check.finite("z", z)
+    directions = column_directions(None, directions, B, d, z)
+    k = directions.shape[-1]
+    replay = random_state(z.device)
+    out, pieces = None, []
+    for start in range(0, k, chunk_size):
+        replay()  # checkpoint stores this state and restores it when it recomputes the chunk
+        primal, J_c = checkpoint(_chunk, decoder, z, directions[..., start:start + chunk_size], output,
+                                 use_reentrant=False, preserve_rng_state=True)
+        out = primal if out is None else out
+        pieces.append(J_c)
+    return out, torch.cat(pieces, -1) if len(pieces) > 1 else pieces[0]
