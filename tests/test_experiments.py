@@ -20,7 +20,10 @@ SIGNED_PERMUTATIONS = [torch.tensor(p, dtype=torch.float64) * torch.tensor(s, dt
 def reproduce(tmp_path, *argv):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    return cli.run(parser.parse_args([*argv, "--out", str(tmp_path)]))
+    threads = torch.get_num_threads()
+    code = cli.run(parser.parse_args([*argv, "--out", str(tmp_path), "--threads", "1"]))
+    assert torch.get_num_threads() == threads, "reproduce must restore torch's thread count"
+    return code
 
 
 def read_results(tmp_path):
@@ -142,3 +145,138 @@ def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_pa
     assert capsys.readouterr().out.count("done already, skipped") == 4
     assert read_results(tmp_path)["runs"] == doc["runs"]
     assert reproduce(tmp_path, *argv[:-1], "orthogonal") == 2    # other settings: refused
+
+
+# ------------------------------------------------------------------------------- objectives
+
+def _tiny_vae(beta, block_size, d=4):
+    from fastjac.models import make_autoencoder
+    torch.manual_seed(0)
+    return make_autoencoder("beta-vae", "mlp", data_shape=(1, 3, 3), latent_dim=d, beta=beta,
+                            block_size=block_size, width=0.1).double().eval()
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+def test_objectives_evaluate_gap_is_nonnegative_and_matches_closed_form(block_size):
+    from fastjac.experiments import objectives as exp
+    vae = _tiny_vae(0.3, block_size)
+    x = torch.rand(20, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    v = exp.evaluate(vae, x, num_samples=4, batch_size=7, generator=torch.Generator().manual_seed(0))
+    assert v["draws"].shape == (4, 20) and v["taylor"].shape == v["grae"].shape == (20,)
+    gap = v["taylor"] - v["grae"]
+    assert (gap >= -1e-12).all()
+    assert abs(gap - v["closed_form_gap"]).max() < 1e-10
+    s = exp.summarise(v)
+    assert s["gap_negative_points"] == 0 and s["points"] == 20 and s["beta_vae_stderr"] > 0
+
+
+def test_objectives_taylor_equals_grae_at_the_optimal_posterior_of_a_linear_decoder():
+    """SPEC §4 linear check: with Σ = Σ* the gap vanishes, and for a linear decoder the Monte Carlo
+    β-VAE value converges to Taylor (the expansion is exact)."""
+    from fastjac import beta_vae_terms, grae_terms, optimal_posterior_covariance, taylor_beta_vae_loss
+    g = torch.Generator().manual_seed(0)
+    dec = torch.nn.Linear(3, 6).double()
+    mu, x = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    J = dec.weight.detach().expand(5, 6, 3)
+    L = torch.linalg.cholesky(optimal_posterior_covariance(J, 0.5))
+    with torch.no_grad():
+        taylor = taylor_beta_vae_loss(dec, mu, L, x, 0.5, reduction="none")
+        grae = grae_terms(dec, mu, x, 0.5).total
+        mc = beta_vae_terms(dec, mu, L, x, 0.5, num_samples=20000, generator=g).per_sample
+    torch.testing.assert_close(taylor, grae, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mc, taylor, rtol=0, atol=0.05)
+
+
+def test_objectives_quick_path_at_toy_size(tmp_path, capsys):
+    argv = ["objectives", "--quick", "--betas", "0.1", "1", "--blocks", "1", "2", "--latent-dim", "4",
+            "--train-steps", "3", "--test-points", "12", "--num-samples", "3", "--width", "0.1"]
+    assert reproduce(tmp_path, *argv) == 0
+    out = capsys.readouterr().out
+    assert "Taylor − GRAE ≥ 0 on every one of 12 points × 4 models: yes" in out
+    doc = read_results(tmp_path)
+    assert set(doc["runs"]) == {f"b={b}/beta={beta}" for b in (1, 2) for beta in ("0.1", "1")}
+    for r in doc["runs"].values():
+        assert r["gap_negative_points"] == 0 and r["taylor"] >= r["grae"]
+        assert all(math.isfinite(r[k]) for k in ("beta_vae", "beta_vae_stderr", "taylor", "grae"))
+    assert doc["summary"]["all_gaps_nonnegative"] is True
+    assert_png(tmp_path / "objectives.png")
+    assert len(list((tmp_path / "models").glob("*.pt"))) == 4
+    assert reproduce(tmp_path, *argv) == 0                       # resume
+    assert capsys.readouterr().out.count("done already, skipped") == 4
+
+
+def test_objectives_bad_settings_are_refused(tmp_path, capsys):
+    assert reproduce(tmp_path, "objectives", "--quick", "--blocks", "5", "--latent-dim", "4") == 2
+    assert "--blocks must lie in [1, d = 4]" in capsys.readouterr().out
+    assert reproduce(tmp_path, "objectives", "--quick", "--dataset", "mnist") == 2
+    assert "needs --data-dir" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------------- structure
+
+def test_structure_measure_on_a_known_optimal_posterior():
+    """A model whose posterior is Eq. 11 exactly on the blocks: relative error in blocks 0."""
+    from fastjac.experiments import structure
+    from fastjac.models import Posterior, block_mask
+
+    dec = torch.nn.Linear(4, 9).double()
+    mask = block_mask(4, 2)
+
+    class Exact(torch.nn.Module):
+        beta, observation, decoder = 0.4, __import__("fastjac").Gaussian(), dec
+
+        def posterior_of(self, x):
+            mu = x.flatten(1)[:, :4]
+            G = dec.weight.T @ dec.weight
+            P = torch.eye(4, dtype=G.dtype) + (G * mask) / self.beta
+            L = torch.linalg.cholesky(torch.linalg.inv(P)).expand(len(x), 4, 4)
+            return Posterior(mu, L)
+
+    m = structure.measure(Exact(), torch.rand(6, 1, 3, 3, dtype=torch.float64), 2)
+    assert max(m["relative_error_in_blocks"]) < 1e-10
+    G = (dec.weight.T @ dec.weight).detach()
+    off = (G ** 2 * ~mask).sum() / (G ** 2 * ~torch.eye(4, dtype=torch.bool)).sum()
+    assert m["off_block_fraction"][0] == pytest.approx(float(off), rel=1e-10)
+    assert m["chance"] == pytest.approx(8 / 12)
+
+
+def test_structure_quick_path_at_toy_size(tmp_path):
+    argv = ["structure", "--quick", "--models", "0.2,4,2", "0.5,3,3", "--train-steps", "3",
+            "--test-points", "10", "--width", "0.1"]
+    assert reproduce(tmp_path, *argv) == 0
+    doc = read_results(tmp_path)
+    assert set(doc["runs"]) == {"beta=0.2/d=4/b=2", "beta=0.5/d=3/b=3"}
+    r = doc["runs"]["beta=0.2/d=4/b=2"]
+    assert 0 <= r["off_block_fraction_median"] <= 1 and r["relative_error_median"] >= 0
+    assert doc["runs"]["beta=0.5/d=3/b=3"]["chance"] == 0           # one block: nothing outside
+    assert_png(tmp_path / "structure.png")
+    assert reproduce(tmp_path, "structure", "--quick", "--models", "0.2,4") == 2
+
+
+# ---------------------------------------------------------------------------------- samples
+
+def test_frechet_distance_of_gaussians_matches_closed_form():
+    from fastjac.experiments.frechet import frechet_distance
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200000, 3)) * [1.0, 2.0, 0.5]
+    b = rng.standard_normal((200000, 3)) * [2.0, 2.0, 1.0] + [1.0, 0.0, 0.0]
+    # ‖δ‖² + Σ (σ_a − σ_b)² for diagonal covariances
+    assert frechet_distance(a, b) == pytest.approx(1.0 + 1.0 + 0.0 + 0.25, abs=0.03)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="features"):
+        frechet_distance(a, b[:, :2])
+
+
+def test_samples_quick_path_at_toy_size(tmp_path, capsys):
+    argv = ["samples", "--quick", "--betas", "0.05", "0.5", "--latent-dim", "2", "--train-steps", "3",
+            "--samples", "20", "--classifier-steps", "3", "--width", "0.1"]
+    assert reproduce(tmp_path, *argv) == 0
+    assert "NOT Inception-FID" in capsys.readouterr().out
+    doc = read_results(tmp_path)
+    assert set(doc["runs"]) == {f"{m}/beta={b}" for m in ("beta-vae", "grae≈") for b in ("0.05", "0.5")}
+    assert all(r["frechet"] >= 0 for r in doc["runs"].values())
+    assert doc["summary"]["classifier"]["task"] == "labels"
+    assert_png(tmp_path / "samples.png")
+    assert_png(tmp_path / "frechet.png")
+    assert reproduce(tmp_path, "samples", "--quick", "--inception-weights", str(tmp_path / "none.pt")) == 2

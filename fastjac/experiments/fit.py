@@ -10,13 +10,18 @@ from torch import Tensor, nn
 from .results import Progress, atomic_write
 
 
+def _to(batch, device):
+    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
+
+
 def fit(model: nn.Module, data: Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
         checkpoint: Path, label: str, device: str = "cpu") -> dict:
     """Minimise ``model.loss(batch)`` for ``steps`` Adam steps, or load the finished weights.
 
     Args:
         model: anything with ``loss(x) -> scalar`` (our BetaVAE / GRAE, a classifier wrapper).
-        data: (N, ...) training data; batches are drawn with replacement from ``seed``.
+        data: (N, ...) training data, or anything indexable by a LongTensor returning a tuple of
+            tensors (e.g. inputs and labels); batches are drawn with replacement from ``seed``.
     Returns:
         {"final_loss": mean loss over the last 10% of steps (None if loaded), "seconds": ...}.
     """
@@ -32,8 +37,8 @@ def fit(model: nn.Module, data: Tensor, *, steps: int, batch_size: int, lr: floa
     model.train()
     tail, tail_count = 0.0, 0
     for step in range(steps):
-        x = data[torch.randint(len(data), (batch_size,), generator=g)].to(device)
-        loss = model.loss(x)
+        batch = data[torch.randint(len(data), (batch_size,), generator=g)]
+        loss = model.loss(_to(batch, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{label}: the loss became {float(loss)} at step {step}; "
                                      "lower the learning rate")

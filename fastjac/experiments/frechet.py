@@ -1,0 +1,138 @@
+"""Fréchet distances between image sets, on features of a network fastjac trains itself.
+
+This is NOT the Inception FID of the literature: the features come from a small convolutional
+classifier trained on the experiment's own training set (on its labels when it has them, e.g.
+digits/MNIST; otherwise on predicting which of four rotations was applied, which needs no labels,
+e.g. CelebA). Distances compare models within one run, not with published FIDs.
+True FID needs Inception-v3 weights given by path (``--inception-weights``; loaded with
+``torch.load(weights_only=True)`` into torchvision's Inception-v3; nothing is downloaded).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fit import fit
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a^½ Σ_b Σ_a^½)^½) of feature sets (N, F) and (M, F).
+
+    Example:
+        >>> x = np.random.randn(500, 4)
+        >>> frechet_distance(x, x) < 1e-8
+        True
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"features must be (N, F) and (M, F) with N, M >= 2, got {a.shape} and {b.shape}")
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    vals, vecs = np.linalg.eigh(Sa)
+    root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    cross = np.linalg.eigvalsh(root_a @ Sb @ root_a)
+    trace_root = np.sqrt(np.clip(cross, 0, None)).sum()
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * trace_root)
+
+
+class FeatureClassifier(nn.Module):
+    """Conv net: stride-2 ELU convolutions down to ≤ 4×4, global average pool → features (B, 128),
+    then a linear layer to the classes. ``loss(x)`` trains it on labels or rotations."""
+
+    def __init__(self, data_shape, num_classes: int):
+        super().__init__()
+        c, h, _ = data_shape
+        layers, width = [nn.Conv2d(c, 32, 3, padding=1), nn.ELU()], 32
+        for _ in range(max(1, math.ceil(math.log2(h / 4)))):
+            out = min(2 * width, 128)
+            layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.ELU()]
+            width = out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+    def loss(self, batch) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+def _task_data(x: Tensor, labels: Optional[Tensor]):
+    """(inputs, targets) for the classifier: the labels, or the four rotations of every image."""
+    if labels is not None:
+        return x, labels
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+    return rotated, torch.arange(4).repeat_interleave(len(x))
+
+
+class _Pairs:
+    """Indexable (x, y) pairs so :func:`fit` can draw minibatches of both at once."""
+
+    def __init__(self, x: Tensor, y: Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        return self.x[index], self.y[index]
+
+
+def trained_classifier(split, *, steps: int, seed: int, checkpoint: Path,
+                       device: str = "cpu") -> tuple[FeatureClassifier, dict]:
+    """Train (or reload) the feature classifier on ``split.train`` (labels, or rotations without
+    them); returns it in eval mode and the fit record with its held-out accuracy."""
+    x, y = _task_data(split.train, split.train_labels)
+    torch.manual_seed(seed)
+    net = FeatureClassifier(tuple(split.train.shape[1:]), int(y.max()) + 1)
+    record = fit(net, _Pairs(x, y), steps=steps, batch_size=128, lr=1e-3, seed=seed,
+                 checkpoint=checkpoint, label="feature classifier", device=device)
+    net.eval()
+    tx, ty = _task_data(split.test, split.test_labels)
+    with torch.no_grad():
+        predicted = torch.cat([net(c.to(device)).argmax(1).cpu() for c in torch.split(tx, 500)])
+    record["task"] = "labels" if split.train_labels is not None else "rotation (4 classes)"
+    record["held_out_accuracy"] = float((predicted == ty).float().mean())
+    return net, record
+
+
+@torch.no_grad()
+def features(net, images: Tensor, batch_size: int = 500) -> np.ndarray:
+    device = next(net.parameters()).device
+    return torch.cat([net.features(c.to(device)).double().cpu() for c in torch.split(images, batch_size)]).numpy()
+
+
+class InceptionFeatures:
+    """pool3 features of torchvision's Inception-v3 with the user's weights (2048-d)."""
+
+    def __init__(self, weights: Path, device: str = "cpu"):
+        try:
+            from torchvision.models import inception_v3
+        except ModuleNotFoundError as e:
+            raise ValueError("--inception-weights needs torchvision (pip install torchvision) for the "
+                             "Inception-v3 architecture") from e
+        path = Path(weights)
+        if not path.is_file():
+            raise ValueError(f"--inception-weights {path} is not a file")
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=False)
+        net.fc = nn.Identity()
+        self.net = net.eval().to(device)
+
+    def features(self, x: Tensor) -> Tensor:
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(2 * x - 1)
+
+    def parameters(self):
+        return self.net.parameters()

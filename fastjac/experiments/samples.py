@@ -1,0 +1,142 @@
+"""Fig. 4, Table 1 (App. G): β-VAE and GRAE≈ (k = 1 sampled column) give similar samples over β.
+
+For each β, a mean-field β-VAE and a GRAE≈ are trained on the same data; each draws images from
+the prior N(0, I). We show the samples and report a Fréchet distance between the samples and
+held-out images against β. The distance uses features of a classifier fastjac trains on the same
+training set (see ``frechet.py``): it is not Inception-FID and does not compare with published
+numbers. With ``--inception-weights PATH`` the Inception-v3 FID is reported as well.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import common, plotting
+from . import data as datasets
+from .frechet import InceptionFeatures, features, frechet_distance, trained_classifier
+from .results import Results, log
+
+MODELS = {"beta-vae": dict(block_size=1), "grae≈": dict(estimator="stochastic", num_columns=1)}
+QUICK = dict(betas=(0.003, 0.01, 0.03, 0.1), train_steps=400, samples=500, classifier_steps=300)
+FULL = dict(betas=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0), train_steps=50000, samples=10000,
+            classifier_steps=5000)
+LATENT_DIM = {"celeba": 128, "mnist": 16, "digits": 8}  # CelebA: the paper's d = 128
+
+
+def add_arguments(parser) -> None:
+    common.add_data_arguments(parser)
+    parser.add_argument("--betas", type=float, nargs="+", help="β grid")
+    parser.add_argument("--latent-dim", type=int, help="d (default: 128 CelebA, 16 MNIST, 8 digits)")
+    parser.add_argument("--samples", type=int, help="generated (and held-out) images per distance")
+    parser.add_argument("--classifier-steps", type=int, help="training steps of the feature classifier")
+    parser.add_argument("--inception-weights", type=Path,
+                        help="Inception-v3 state dict (torchvision layout) for true FID; never downloaded")
+
+
+def run(args) -> int:
+    base = QUICK if args.quick else FULL
+    grid = dict(betas=tuple(args.betas or base["betas"]),
+                latent_dim=args.latent_dim or LATENT_DIM[args.dataset],
+                samples=args.samples or base["samples"],
+                classifier_steps=args.classifier_steps or base["classifier_steps"],
+                inception=str(args.inception_weights) if args.inception_weights else None)
+    if min(grid["betas"]) <= 0 or grid["samples"] < 2 or grid["classifier_steps"] < 1:
+        raise ValueError("--betas must be > 0, --samples >= 2 and --classifier-steps >= 1")
+    model_cfg = common.model_config(args, base["train_steps"])
+    inception = InceptionFeatures(args.inception_weights, args.device) if args.inception_weights else None
+    split = datasets.load(args.dataset, args.data_dir)
+    results = Results(args.out, "samples", {"model": model_cfg, "grid": grid, "quick": bool(args.quick),
+                                            "data": split.description})
+    log(f"samples: {split.description}; {model_cfg['architecture']} β-VAE and GRAE≈, d = "
+        f"{grid['latent_dim']}, {model_cfg['train_steps']} steps each → {args.out}")
+    classifier, cls_record = trained_classifier(split, steps=grid["classifier_steps"], seed=args.seed,
+                                                checkpoint=args.out / "models" / "feature-classifier.pt",
+                                                device=args.device)
+    log(f"feature classifier ({cls_record['task']}): held-out accuracy {cls_record['held_out_accuracy']:.3f}")
+    n = min(grid["samples"], len(split.test))
+    real = split.test[:n]
+    real_features = features(classifier, real)
+    reference = dict(classifier=cls_record, held_out_images=n,
+                     floor=frechet_distance(features(classifier, split.train[:n]), real_features))
+    if inception is not None:
+        real_inception = features(inception, real)
+        reference["fid_floor"] = frechet_distance(features(inception, split.train[:n]), real_inception)
+    shown = {}
+    points = [(m, beta) for m in MODELS for beta in grid["betas"]]
+    for i, (name, beta) in enumerate(points, 1):
+        key = f"{name}/beta={beta:g}"
+        kind = "beta-vae" if name == "beta-vae" else "grae"
+        model, fitted = common.trained_autoencoder(
+            kind, split, model_cfg, out=args.out, name=f"samples-{kind}-beta{beta:g}", device=args.device,
+            latent_dim=grid["latent_dim"], beta=beta, **MODELS[name])
+        with torch.no_grad():
+            fake = model.sample(grid["samples"], generator=torch.Generator(args.device).manual_seed(args.seed))
+            fake = fake.clamp(0, 1).cpu()
+        shown[key] = fake[:36]
+        if key in results:
+            log(f"[{i}/{len(points)}] {key}: done already, skipped")
+            continue
+        with torch.no_grad():
+            test = split.test[:n].to(args.device)
+            recon_error = float(((model.reconstruct(test) - test) ** 2).flatten(1).sum(1).mean())
+        rec = dict(model=name, beta=beta, frechet=frechet_distance(features(classifier, fake), real_features),
+                   reconstruction_sq_error=recon_error, train=fitted)
+        if inception is not None:
+            rec["fid"] = frechet_distance(features(inception, fake), real_inception)
+        results.put(key, rec)
+        log(f"[{i}/{len(points)}] {key}: Fréchet distance {rec['frechet']:.3f}, held-out ‖x − g(h(x))‖² "
+            f"{recon_error:.3f}")
+    rows = [results[f"{m}/beta={beta:g}"] for m, beta in points]
+    results.put_summary(reference)
+    log(f"\nFréchet distance on the trained classifier's features (NOT Inception-FID); floor (train vs "
+        f"held-out real images): {reference['floor']:.3f}")
+    log(f"{'β':>8s} " + " ".join(f"{m + ' FD':>12s}" for m in MODELS)
+        + (" " + " ".join(f"{m + ' FID':>13s}" for m in MODELS) if inception else ""))
+    for beta in grid["betas"]:
+        recs = [results[f"{m}/beta={beta:g}"] for m in MODELS]
+        line = f"{beta:8g} " + " ".join(f"{r['frechet']:12.3f}" for r in recs)
+        if inception is not None:
+            line += " " + " ".join(f"{r['fid']:13.2f}" for r in recs)
+        log(line)
+    log(f"figures: {sample_figure(shown, grid['betas'], args.out / 'samples.png')}, "
+        f"{distance_figure(rows, reference, args.out / 'frechet.png')}")
+    return 0
+
+
+def _montage(images: torch.Tensor, columns: int = 6) -> np.ndarray:
+    count, c, h, w = images.shape
+    rows = -(-count // columns)
+    canvas = torch.ones(c, rows * (h + 1), columns * (w + 1))
+    for k, im in enumerate(images):
+        r, col = divmod(k, columns)
+        canvas[:, r * (h + 1): r * (h + 1) + h, col * (w + 1): col * (w + 1) + w] = im
+    return canvas.permute(1, 2, 0).squeeze(-1).numpy()
+
+
+def sample_figure(shown: dict, betas, path):
+    fig, axes = plotting.panels(len(MODELS), len(betas), width=2.0, height=2.1)
+    for i, name in enumerate(MODELS):
+        for j, beta in enumerate(betas):
+            ax = axes[i][j]
+            ax.imshow(_montage(shown[f"{name}/beta={beta:g}"]), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{name}, β = {beta:g}", fontsize=8)
+    return plotting.save(fig, path)
+
+
+def distance_figure(rows: list[dict], reference: dict, path):
+    keys = ["frechet"] + (["fid"] if "fid" in rows[0] else [])
+    fig, axes = plotting.panels(1, len(keys), width=3.8, height=3.0)
+    for ax, k in zip(axes[0], keys):
+        for name in MODELS:
+            rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["beta"])
+            ax.plot([r["beta"] for r in rs], [r[k] for r in rs], marker="o", ms=4, label=name)
+        floor = reference["floor" if k == "frechet" else "fid_floor"]
+        ax.axhline(floor, color="gray", ls=":", label="real vs real")
+        ax.set_xscale("log")
+        ax.set_xlabel("β")
+        ax.set_ylabel("Fréchet distance, own classifier" if k == "frechet" else "Inception FID")
+        ax.legend(fontsize=7)
+    return plotting.save(fig, path)
