@@ -76,7 +76,8 @@ class JacobianRegularizer(nn.Module):
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; JacobianRegularizer takes "
                             f"beta, generator and {', '.join(OPTIONS)}")
         beta = check.beta(beta)
-        self.register_buffer("beta", torch.as_tensor(beta, dtype=torch.get_default_dtype()).detach().clone())
+        # float64 holds a Python float exactly; the operators cast β to their accumulation dtype
+        self.register_buffer("beta", torch.as_tensor(beta, dtype=torch.float64).detach().clone())
         self.generator = generator
         self._configure({**OPTIONS, **options})
 
