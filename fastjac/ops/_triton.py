@@ -212,22 +212,56 @@ def _apply_gamma_kernel(J, w, Gamma, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
         tl.store(gw + b * D + rows, quad, mask=rmask)
 
 
+def _apply_gamma(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
+                 need_J: bool, need_w: bool):
+    B, D, k = J.shape
+    gamma = gamma.to(torch.float32).contiguous()
+    grad_J = torch.empty_like(J, memory_format=torch.contiguous_format) if need_J else J.new_empty(0)
+    grad_w = torch.empty((B, D), dtype=torch.float32, device=J.device) if need_w else J.new_empty(0)
+    _, precision = dot_mode(torch.float32, True)
+    _apply_gamma_kernel[(B, triton.cdiv(D, ROWS))](
+        J, J if w is None else w, gamma, J if not need_J else grad_J, J if not need_w else grad_w,
+        D, k, *J.stride(), *((0, 0) if w is None else w.stride()),
+        *(grad_J.stride() if need_J else (0, 0, 0)),
+        HAS_W=w is not None, WRITE_J=need_J, WRITE_W=need_w, DIAGONAL=gamma.dim() == 2,
+        PRECISION=precision, ROWS=ROWS, TILE=min(pad(k), GRAM_TILE))
+    return grad_J, grad_w
+
+
+# Backward formulas run under AOT autograd's tracing (torch.compile, opcheck), which cannot
+# see into a raw kernel launch (and wrap_triton does not trace under the interpreter), so the
+# kernels backward passes use are opaque custom ops with fake implementations.
+@torch.library.custom_op("fastjac::triton_gram", mutates_args=())
+def gram_op(J: torch.Tensor, w: Optional[torch.Tensor], diagonal: bool) -> torch.Tensor:
+    """:func:`gram` as a custom op."""
+    return gram(J, w, diagonal=diagonal)
+
+
+@gram_op.register_fake
+def _(J, w, diagonal):
+    B, _, k = J.shape
+    return J.new_empty((B, k) if diagonal else (B, k, k), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastjac::triton_apply_gamma", mutates_args=())
+def _apply_gamma_op(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
+                    need_J: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _apply_gamma(J, w, gamma, need_J, need_w)
+
+
+@_apply_gamma_op.register_fake
+def _(J, w, gamma, need_J, need_w):
+    B, D, _ = J.shape
+    return (J.new_empty(J.shape) if need_J else J.new_empty(0),
+            J.new_empty((B, D), dtype=torch.float32) if need_w else J.new_empty(0))
+
+
 def apply_gamma(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
                 need_J: bool = True, need_w: bool = True):
     """(∂R/∂J in J's dtype or None, ∂R/∂w (B, D) fp32 or None) from Γ = ∂R/∂G, which is
     (B, k, k) symmetric or its (B, k) diagonal; one pass over J."""
-    B, D, k = J.shape
     need_w = need_w and w is not None
     if not (need_J or need_w):
         return None, None
-    gamma = gamma.to(torch.float32).contiguous()
-    grad_J = torch.empty_like(J, memory_format=torch.contiguous_format) if need_J else None
-    grad_w = torch.empty((B, D), dtype=torch.float32, device=J.device) if need_w else None
-    _, precision = dot_mode(torch.float32, True)
-    _apply_gamma_kernel[(B, triton.cdiv(D, ROWS))](
-        J, J if w is None else w, gamma, J if grad_J is None else grad_J,
-        J if grad_w is None else grad_w, D, k, *J.stride(),
-        *((0, 0) if w is None else w.stride()), *((0, 0, 0) if grad_J is None else grad_J.stride()),
-        HAS_W=w is not None, WRITE_J=need_J, WRITE_W=need_w, DIAGONAL=gamma.dim() == 2,
-        PRECISION=precision, ROWS=ROWS, TILE=min(pad(k), GRAM_TILE))
-    return grad_J, grad_w
+    grad_J, grad_w = torch.ops.fastjac.triton_apply_gamma(J, w, gamma, need_J, need_w)
+    return (grad_J if need_J else None), (grad_w if need_w else None)

@@ -15,9 +15,9 @@ from .. import _dispatch, _triton
 from . import OP
 
 
-def _terms(J, w, beta, scale):
+def _terms(J, w, beta, scale, gram=_triton.gram):
     """Norms (B, k), β in fp32 and the per-column weights s (1 when scale is None)."""
-    n = _triton.gram(J, w, diagonal=True)
+    n = gram(J, w, diagonal=True)
     s = torch.ones_like(n) if scale is None else scale.to(n.dtype)
     return n, beta.to(n.dtype), s
 
@@ -28,7 +28,7 @@ def forward(J, w, beta, scale):
 
 
 def backward(J, w, beta, scale, grad, needs_input_grad=(True, True, True)):
-    n, beta, s = _terms(J, w, beta, scale)
+    n, beta, s = _terms(J, w, beta, scale, _triton.gram_op)
     gamma = grad.to(n.dtype)[:, None] * s / (beta + n)
     grad_J, grad_w = _triton.apply_gamma(J, w, gamma, needs_input_grad[0], needs_input_grad[1])
     grad_beta = -(gamma * n).sum() / beta if needs_input_grad[2] else None

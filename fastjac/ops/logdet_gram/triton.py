@@ -81,7 +81,7 @@ def factorise(J, w, beta, block_size: int, schedule: Optional[str] = None):
         if block_size < k:
             G = G * block_mask(k, block_size, device=G.device, dtype=G.dtype)
         M = G / beta + torch.eye(k, device=G.device, dtype=G.dtype)
-        L, _info = torch.linalg.cholesky_ex(M)
+        L = torch.linalg.cholesky_ex(M)[0].contiguous()  # cuSOLVER returns column-major
         return 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1), L
     if k > REGISTER_MAX_D:
         raise ValueError(f"schedule {schedule!r} factorises in registers, for d <= {REGISTER_MAX_D}; got {k}")
@@ -119,7 +119,7 @@ def backward(J, w, beta, block_size, L, grad, needs_input_grad=(True, True, True
 def posterior_covariance(J, w, beta):
     """Σ* = M⁻¹ from the same factorisation."""
     _, L = factorise(J, w, beta, J.shape[-1])
-    return torch.cholesky_inverse(L)
+    return torch.cholesky_inverse(L).contiguous()  # the layout register_fake promises
 
 
 def posterior_covariance_backward(J, w, beta, sigma, grad, needs_input_grad=(True, True, True)):

@@ -7,6 +7,8 @@ program per sample then forms cos² over the off-block pairs (forward) or
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -40,23 +42,30 @@ def _cosine_kernel(C, grad, out, k, block_size, eps, pairs, BACKWARD: tl.constex
         tl.store(out + b, tl.sum(tl.sum(tl.where(off, cos * cos, 0.0), axis=1), axis=0) / (2 * pairs))
 
 
-def _cosines(J, w, block_size, eps, grad=None):
-    """P (B,) or, given grad (B,), Γ (B, k, k), both fp32."""
-    B, _, k = J.shape
-    C = _triton.gram(J, w)
+@torch.library.custom_op("fastjac::triton_orthogonality_cosines", mutates_args=())
+def _cosines(C: torch.Tensor, grad: Optional[torch.Tensor], block_size: int, eps: float) -> torch.Tensor:
+    """From the lower triangles C (B, k, k): P (B,), or Γ (B, k, k) given grad (B,); fp32.
+    A custom op because the backward runs it under AOT autograd's tracing."""
+    B, k, _ = C.shape
     pairs = (k * k - (k // block_size) * block_size ** 2 - (k % block_size) ** 2) // 2  # off-block, i < j
-    out = torch.empty((B, k, k) if grad is not None else (B,), dtype=torch.float32, device=J.device)
-    _cosine_kernel[(B,)](C, C if grad is None else grad, out, k, block_size, float(eps), float(pairs),
-                         BACKWARD=grad is not None, BK=_triton.pad(k))
+    out = torch.empty((B, k, k) if grad is not None else (B,), dtype=torch.float32, device=C.device)
+    _cosine_kernel[(B,)](C, C if grad is None else grad.to(torch.float32).contiguous(), out, k, block_size,
+                         float(eps), float(pairs), BACKWARD=grad is not None, BK=_triton.pad(k))
     return out
 
 
+@_cosines.register_fake
+def _(C, grad, block_size, eps):
+    B, k, _ = C.shape
+    return C.new_empty((B, k, k) if grad is not None else (B,), dtype=torch.float32)
+
+
 def forward(J, w, block_size: int, eps: float):
-    return _cosines(J, w, block_size, eps)
+    return _cosines(_triton.gram(J, w), None, block_size, eps)
 
 
 def backward(J, w, block_size, eps, grad, needs_input_grad=(True, True)):
-    gamma = _cosines(J, w, block_size, eps, grad.to(torch.float32).contiguous())
+    gamma = _cosines(_triton.gram_op(J, w, False), grad, block_size, eps)
     return _triton.apply_gamma(J, w, gamma, needs_input_grad[0], needs_input_grad[1])
 
 
