@@ -17,8 +17,8 @@ for context, every (P, k)) run interleaved ``--repeats`` times and the time is t
 the RMS over the repeats' draws of ‖g − g_exact‖ / ‖·‖ over the decoder parameters and z, relative to the exact *regulariser*
 gradient (``reg_err``) and to the whole loss gradient (``loss_err``); CG runs to ``cg_tol`` or to
 k = cg_max_iter iterations, whichever comes first. "Beats exact at accuracy τ" means the fastest
-(P, k) whose reg_err <= τ takes less time per step than exact; the crossover is the smallest d
-of the grid from which on that holds.
+(P, k) whose error (reg_err, or loss_err) is <= τ takes less time per step than exact; the
+crossover is the smallest d of the grid from which on that holds.
 """
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def measure(model, d, args, images, log, generator):
     return rows
 
 
-def crossovers(rows, targets):
-    """{model: {τ: smallest d from which on hutchinson_cg at reg_err <= τ is faster than exact}}."""
+def crossovers(rows, targets, key):
+    """{model: {τ: smallest d from which on hutchinson_cg with rows[key] <= τ is faster than exact}}."""
     result = {}
     for model in sorted({r["model"] for r in rows}):
         result[model] = {}
@@ -157,7 +157,7 @@ def crossovers(rows, targets):
             for d in ds:
                 here = [r for r in rows if r["model"] == model and r["d"] == d]
                 exact = next(r["seconds"] for r in here if r["estimator"] == "exact")
-                ok = [r["seconds"] for r in here if r["estimator"] == "hutchinson_cg" and r["reg_err"] <= tau]
+                ok = [r["seconds"] for r in here if r["estimator"] == "hutchinson_cg" and r[key] <= tau]
                 beats[d] = bool(ok) and min(ok) < exact
             winning = [d for d in ds if all(beats[e] for e in ds if e >= d)]
             result[model][str(tau)] = min(winning) if winning else None
@@ -181,6 +181,7 @@ def write_json(result, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(result, f, indent=1)
+    os.chmod(tmp, 0o644)  # mkstemp creates it private
     os.replace(tmp, path)
 
 
@@ -192,11 +193,12 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", default="2,5,10,20", help="cg_max_iter values")
     parser.add_argument("--cg-tol", type=float, default=1e-4)
     parser.add_argument("--targets", default="0.1,0.3", help="reg_err thresholds τ for the crossover")
+    parser.add_argument("--loss-targets", default="0.01,0.05", help="loss_err thresholds for the crossover")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--width", type=float, default=0.125, help="channel multiplier of the App. D decoder")
     parser.add_argument("--pretrain", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noise on a shared CPU)")
     parser.add_argument("--mnist", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/mnist")
@@ -209,7 +211,8 @@ def main(argv=None) -> int:
     args.dims = [int(v) for v in args.dims.split(",")]
     args.probes = [int(v) for v in args.probes.split(",")]
     args.iterations = [int(v) for v in args.iterations.split(",")]
-    targets = [float(v) for v in args.targets.split(",")]
+    targets = {"reg_err": [float(v) for v in args.targets.split(",")],
+               "loss_err": [float(v) for v in args.loss_targets.split(",")]}
 
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
@@ -230,11 +233,13 @@ def main(argv=None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/hutchinson.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-        "rows": rows, "crossover_d": crossovers(rows, targets)}
+        "rows": rows, "crossover_d": {key: crossovers(rows, taus, key) for key, taus in targets.items()}}
     print(table(rows))
-    print("crossover d (hutchinson_cg faster than exact at reg_err <= τ, from this d of the grid on):")
-    for model, by_tau in result["crossover_d"].items():
-        print(f"  {model}: " + ", ".join(f"τ={t}: {'none in grid' if v is None else v}" for t, v in by_tau.items()))
+    print("crossover d (hutchinson_cg faster than exact at error <= τ, from this d of the grid on):")
+    for key, by_model in result["crossover_d"].items():
+        for model, by_tau in by_model.items():
+            print(f"  {key:8} {model:6}: " + ", ".join(f"τ={t}: {'none in grid' if v is None else v}"
+                                                    for t, v in by_tau.items()))
     if args.json:
         write_json(result, args.json)
     return 0

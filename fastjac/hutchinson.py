@@ -140,8 +140,7 @@ def gram_matvec(decoder: Callable, z: Tensor, beta, obs, x, *, output=None, chun
     """M v = v + Jᵀ diag(w) J v / β at z, as a closure over (P, B, d) -> (P, B, d), no graph kept.
 
     One primal decoder call now (its graph serves every VJP); each matvec then costs one decoder
-    call (JVP with P tangents) and one reverse sweep. Returns (out, w, matvec) with out and w
-    detached.
+    call (JVP with P tangents) and one reverse sweep. w is taken at g(z) and held fixed.
     """
     def decode(code):
         return select_output(decoder(code), output)
@@ -166,7 +165,7 @@ def gram_matvec(decoder: Callable, z: Tensor, beta, obs, x, *, output=None, chun
             (JtWJv,) = vmap(pullback, chunk_size=chunk_size)(weighted(Jv))
             return V + JtWJv / beta
 
-    return out, w, matvec
+    return matvec
 
 
 def draw_probes(kind: str, shape, like: Tensor, generator) -> Tensor:
@@ -202,7 +201,7 @@ def hutchinson_cg(decoder, z, beta, obs, x, s: Settings) -> Estimate:
     kind = _options(s)
     B, d = z.shape
     P = s.num_probes
-    _, _, matvec = gram_matvec(decoder, z, beta, obs, x, output=s.output, chunk_size=s.chunk_size)
+    matvec = gram_matvec(decoder, z, beta, obs, x, output=s.output, chunk_size=s.chunk_size)
     eps = draw_probes(kind, (P, B, d), z, s.generator)
     cg = conjugate_gradients(matvec, eps, max_iter=s.cg_max_iter, tol=s.cg_tol)
     value = lanczos_quadrature(cg, eps).mean(0)                                      # (B,)

@@ -65,7 +65,7 @@ def explicit_M(dec, z, x, obs):
 def test_matvec_and_cg_match_dense_solve(kind):
     dec, z, x, obs = problem(kind, d=5)
     M, _, _ = explicit_M(dec, z, x, obs)
-    _, _, matvec = gram_matvec(dec, z, BETA, observations.get(obs), x)
+    matvec = gram_matvec(dec, z, BETA, observations.get(obs), x)
     V = torch.randn(7, *z.shape, dtype=F64)
     assert_close("matvec", torch.einsum("bij,pbj->pbi", M, V), matvec(V), rtol=1e-12)
     rhs = V.clone()
