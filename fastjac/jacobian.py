@@ -15,7 +15,9 @@ Pitfalls, and what happens here:
   Fix: ``decoder.eval()`` for the regulariser pass, or GroupNorm/LayerNorm.
 - ``torch.no_grad()`` does not stop forward tangents: columns computed under it are
   exact (only no graph is kept), and a ``no_grad`` block *inside* a decoder still
-  carries its tangents. ``.detach()`` is what stops a tangent.
+  carries its tangents but records no graph, so the gradient of J through it (into z
+  and the block's parameters) is silently lost. To freeze parameters use
+  ``requires_grad_(False)``; to cut a path, ``.detach()`` (which stops the tangent too).
 - Dropout: one mask per decoder call, shared by the primal and every tangent
   (``randomness="same"``); chunks replay the same random state, so every chunk and the
   primal see the same mask.
