@@ -140,17 +140,26 @@ def print_table(rows: list[dict]) -> None:
 
 
 def figure(rows: list[dict], blocks, path):
-    fig, axes = plotting.panels(1, len(blocks), width=3.6, height=3.0)
-    for ax, b in zip(axes[0], blocks):
+    """Top: the three objectives against β per block size; bottom: their gaps."""
+    fig, axes = plotting.panels(2, len(blocks), width=3.6, height=2.8)
+    for col, b in enumerate(blocks):
         rs = sorted((r for r in rows if r["block_size"] == b), key=lambda r: r["beta"])
         betas = [r["beta"] for r in rs]
-        ax.errorbar(betas, [r["beta_vae"] for r in rs], yerr=[2 * r["beta_vae_stderr"] for r in rs],
-                    marker="o", ms=4, label="β-VAE (Eq. 2) ± 2 s.e.")
-        ax.plot(betas, [r["taylor"] for r in rs], marker="s", ms=4, label="Taylor (Eq. 7)")
-        ax.plot(betas, [r["grae"] for r in rs], marker="^", ms=4, label="GRAE (Eq. 13)")
-        ax.set_xscale("log")
-        ax.set_xlabel("β")
-        ax.set_title(f"block size b = {b}", fontsize=9)
+        top, bottom = axes[0][col], axes[1][col]
+        top.errorbar(betas, [r["beta_vae"] for r in rs], yerr=[2 * r["beta_vae_stderr"] for r in rs],
+                     marker="o", ms=4, label="β-VAE (Eq. 2) ± 2 s.e.")
+        top.plot(betas, [r["taylor"] for r in rs], marker="s", ms=4, label="Taylor (Eq. 7)")
+        top.plot(betas, [r["grae"] for r in rs], marker="^", ms=4, label="GRAE (Eq. 13)")
+        top.set_title(f"block size b = {b}", fontsize=9)
+        bottom.errorbar(betas, [r["beta_vae"] - r["taylor"] for r in rs],
+                        yerr=[2 * r["beta_vae_stderr"] for r in rs], marker="o", ms=4, label="β-VAE − Taylor")
+        bottom.plot(betas, [r["gap_mean"] for r in rs], marker="s", ms=4, color="tab:red", label="Taylor − GRAE")
+        bottom.axhline(0, color="gray", lw=0.5)
+        for ax in (top, bottom):
+            ax.set_xscale("log")
+        bottom.set_xlabel("β")
     axes[0][0].set_ylabel("objective (held out, per point)")
+    axes[1][0].set_ylabel("gap")
     axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
     return plotting.save(fig, path)
