@@ -22,12 +22,19 @@ Pitfalls, and what happens here:
   (``randomness="same"``); chunks replay the same random state, so every chunk and the
   primal see the same mask.
 - Tuple, dict or object outputs: ``output=`` selects the reconstruction.
+- Second-order terms: training differentiates J, i.e. reverse mode over the decoder's
+  forward-AD formulas. For LayerNorm and InstanceNorm (instance statistics) those drop the
+  derivative of the statistics (torch 2.13), so gradients of J are silently wrong; while
+  columns are computed, such layers of a module decoder run a decomposed form whose
+  derivatives are exact (decoders hidden in a lambda, or ``F.layer_norm`` calls, are not seen).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -146,6 +153,47 @@ def check_normalisation(decoder) -> None:
                   f"(errors of order 1/B); {fix}", BatchCouplingWarning, stacklevel=3)
 
 
+def _normalised(x: Tensor, dims: tuple, eps: float, weight, bias) -> Tensor:
+    centred = x - x.mean(dims, keepdim=True)
+    y = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    y = y if weight is None else y * weight
+    return y if bias is None else y + bias
+
+
+def _layer_norm(m: nn.LayerNorm, x: Tensor) -> Tensor:
+    return _normalised(x, tuple(range(-len(m.normalized_shape), 0)), m.eps, m.weight, m.bias)
+
+
+def _instance_norm(m, x: Tensor) -> Tensor:
+    per_channel = (-1,) + (1,) * (x.dim() - 2)
+    weight = None if m.weight is None else m.weight.reshape(per_channel)
+    bias = None if m.bias is None else m.bias.reshape(per_channel)
+    return _normalised(x, tuple(range(2, x.dim())), m.eps, weight, bias)
+
+
+@contextmanager
+def decomposed_normalisation(decoder):
+    """Within the block, the decoder's LayerNorm and instance-statistics InstanceNorm layers run
+    a decomposed form, whose forward-AD formulas are exactly twice differentiable (see notes)."""
+    swapped = []
+    for m in _modules(decoder):
+        if isinstance(m, nn.LayerNorm):
+            form = _layer_norm
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and (m.training or not m.track_running_stats):
+            form = _instance_norm
+        else:
+            continue
+        swapped.append((m, m.__dict__.get("forward")))
+        m.forward = functools.partial(form, m)
+    try:
+        yield
+    finally:
+        for m, previous in swapped:
+            del m.forward
+            if previous is not None:
+                m.forward = previous
+
+
 def random_state(device: torch.device) -> Callable[[], None]:
     """A function that resets the RNG (CPU and ``device``) to its state now, so that every
     chunk's decoder call draws the same dropout masks as the first one."""
@@ -217,7 +265,8 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
     for start in range(0, k, step):
         if start:
             replay()
-        primal, cols = push(z, tangents[start:start + step])
+        with decomposed_normalisation(decoder):
+            primal, cols = push(z, tangents[start:start + step])
         if out is None:
             if primal.dim() < 1 or primal.shape[0] != B:
                 raise ValueError(f"decoder output must have batch size B = {B} first, "
