@@ -1,0 +1,15 @@
+"""asv suite for fastjac (run from ``benchmarks/``: ``asv run --python=same --quick``).
+
+Each area is one module; the implementation is a parameter so rivals run side by side, and
+``setup`` raises ``NotImplementedError`` for a combination that cannot run here (a backend not
+registered, a GPU benchmark without a GPU). The workloads are ``fastjac.bench.workloads``, the
+same that ``fastjac bench`` times as ratios.
+"""
+import importlib.util
+import os
+import sys
+
+if importlib.util.find_spec("fastjac") is None:
+    # `--python=same` in a checkout where fastjac is not installed: benchmark this checkout
+    # (asv does not pass PYTHONPATH through to its benchmark processes).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))

@@ -1,0 +1,125 @@
+"""What ``fastjac bench`` measures: groups of rivals, each against a baseline timed in the same run.
+
+A group is one workload (an operator at one shape, a model's training step, ...); its baseline is
+what a user writes without fastjac (or the plain autoencoder step, for the cost of a regulariser),
+its rivals fastjac's implementations. Targets (issue 8) are attached to the rows they judge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+from . import workloads as W
+
+OBJECTIVE_LABELS = {"ae": "plain AE", "beta_vae": "β-VAE", "grae_k1": "GRAE≈ k=1", "grae_k4": "GRAE≈ k=4",
+                    "grae_exact": "exact GRAE", "grae_hutchinson_cg": "GRAE hutchinson_cg"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """ratio = time / time(versus): holds when ratio <= at_most (a cost) or 1/ratio >= speedup."""
+    text: str
+    at_most: Optional[float] = None
+    speedup: Optional[float] = None
+    versus: Optional[str] = None      # label of the row compared with; None: the group's baseline
+
+    def holds(self, ratio: float) -> bool:
+        if self.at_most is not None:
+            return ratio <= self.at_most
+        return 1.0 / ratio >= self.speedup
+
+
+@dataclass
+class Rival:
+    label: str
+    build: Callable[[], W.Workload]
+    targets: tuple = ()
+
+
+@dataclass
+class Group:
+    area: str
+    title: str
+    baseline: Rival
+    rivals: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    operator_shapes: tuple          # (B, D, d)
+    models: dict                    # name -> dict(B=, d=, width=) for jacobian and training
+    exact_models: dict              # the same for the exact-GRAE groups (the per-sample baseline is slow)
+    plain_cost_target: float        # GRAE≈ k=1 step / plain step
+    exact_speedups: dict            # baseline label -> speed-up the exact fastjac step must reach
+
+
+CPU = Sizes(operator_shapes=((64, 784, 16),),
+            models={"mlp": dict(B=64, d=16, width=1.0), "mnist": dict(B=32, d=16, width=0.25)},
+            exact_models={"mlp": dict(B=64, d=16, width=1.0), "mnist": dict(B=8, d=16, width=0.25)},
+            plain_cost_target=2.2, exact_speedups={"vmap(jacfwd)": 1.3, "functional.jacobian": 100.0})
+QUICK = Sizes(operator_shapes=((4, 32, 4),),  # a smoke run: every area, the MLP only, no per-sample baseline
+              models={"mlp": dict(B=4, d=4, width=1 / 16)},
+              exact_models={"mlp": dict(B=2, d=4, width=1 / 16)},
+              plain_cost_target=2.2, exact_speedups={"vmap(jacfwd)": 1.3})
+CUDA = Sizes(operator_shapes=((64, 784, 16), (64, 12288, 128)),
+             models={"mnist": dict(B=64, d=16, width=1.0), "celeba": dict(B=64, d=128, width=1.0)},
+             exact_models={"mnist": dict(B=64, d=16, width=1.0)},
+             plain_cost_target=2.0, exact_speedups={"vmap(jacfwd)": 1.3})
+
+
+def _operator_groups(device, sizes: Sizes):
+    for B, D, d in sizes.operator_shapes:
+        for op in W.OPERATORS:
+            shape = f"B={B} D={D} " + (f"k=1 of d={d}" if op == "column_estimate" else f"d={d}")
+            build = partial(W.operator, op, device=device, B=B, D=D, d=d)
+            yield Group("operators", f"{op} fwd+bwd {shape}", Rival("naive", partial(build, "naive")),
+                        [Rival(b, partial(build, b)) for b in W.FASTJAC_BACKENDS])
+
+
+def _jacobian_groups(device, sizes: Sizes):
+    for model, kw in sizes.models.items():
+        for k in (kw["d"], 1):
+            build = partial(W.jacobian, model, device=device, k=k, **kw)
+            what = "all d" if k == kw["d"] else f"k={k}"
+            yield Group("jacobian", f"{model} columns ({what}) fwd+bwd B={kw['B']} d={kw['d']}",
+                        Rival("vmap(jacfwd)", partial(build, "vmap(jacfwd)")),
+                        [Rival("fastjac", partial(build, "fastjac"))])
+
+
+def _step(model, objective, implementation, device, kw):
+    return partial(W.training_step, model, objective, implementation, device=device, **kw)
+
+
+def _training_groups(device, sizes: Sizes):
+    for model, kw in sizes.models.items():
+        rivals = [Rival("β-VAE", _step(model, "beta_vae", "torch", device, kw))]
+        for objective in ("grae_k1", "grae_k4"):
+            for b in W.FASTJAC_BACKENDS:
+                targets = ()
+                if objective == "grae_k1":
+                    t = sizes.plain_cost_target
+                    targets = (Target(f"≤ {t:g}× plain", at_most=t),)
+                rivals.append(Rival(f"{OBJECTIVE_LABELS[objective]} [{b}]",
+                                    _step(model, objective, b, device, kw), targets))
+        rivals.append(Rival(OBJECTIVE_LABELS["grae_hutchinson_cg"],
+                            _step(model, "grae_hutchinson_cg", "torch", device, kw)))
+        yield Group("training", f"{model} step B={kw['B']} d={kw['d']} width={kw['width']:g}",
+                    Rival("plain AE", _step(model, "ae", "torch", device, kw)), rivals)
+    for model, kw in sizes.exact_models.items():
+        baselines = list(sizes.exact_speedups)
+        targets = tuple(Target(f"≥ {s:g}× faster than {name}", speedup=s, versus=name)
+                        for name, s in sizes.exact_speedups.items())
+        rivals = [Rival(name, _step(model, "grae_exact", name, device, kw)) for name in baselines[1:]]
+        rivals += [Rival(f"exact GRAE [{b}]", _step(model, "grae_exact", b, device, kw), targets)
+                   for b in W.FASTJAC_BACKENDS]
+        yield Group("training", f"{model} exact GRAE step B={kw['B']} d={kw['d']} width={kw['width']:g}",
+                    Rival(baselines[0], _step(model, "grae_exact", baselines[0], device, kw)), rivals)
+
+
+AREAS = {"operators": _operator_groups, "jacobian": _jacobian_groups, "training": _training_groups}
+
+
+def groups(device: str, *, quick: bool, areas=tuple(AREAS)) -> list[Group]:
+    sizes = QUICK if quick else (CUDA if device.startswith("cuda") else CPU)
+    return [g for area in areas for g in AREAS[area](device, sizes)]
