@@ -39,14 +39,13 @@ def frozen_batch_statistics(decoder: nn.Module, z: Tensor, *, update_running: bo
         yield
     finally:
         for m, (momentum, mean, var, count) in zip(layers, saved):
-            # new tensors, never in-place: autograd may hold the batch statistics for backward
-            batch_mean, batch_var = m.running_mean, m.running_var
+            batch_mean, batch_var = m.running_mean, m.running_var  # may be held by autograd: not touched
             m.train()
             m.momentum = momentum
-            if update_running:
+            if update_running:  # in place on the original buffers (DDP holds references to them)
                 rate = momentum if momentum is not None else 1.0 / float(count + 1)
-                m.running_mean = torch.lerp(mean, batch_mean, rate)
-                m.running_var = torch.lerp(var, batch_var, rate)
-                m.num_batches_tracked = count + 1
-            else:
-                m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+                with torch.no_grad():
+                    mean.lerp_(batch_mean, rate)
+                    var.lerp_(batch_var, rate)
+                    count.add_(1)
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
