@@ -2,6 +2,7 @@
 forward and backward, and TangentMLP's columns through jacobian_columns against brute force."""
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 import torch.nn.functional as F
 from torch.func import jvp, vmap
 
@@ -94,6 +95,26 @@ def test_custom_op_gradcheck_gradgradcheck_and_opcheck(activation):
     assert torch.autograd.gradcheck(fn, tensors)
     assert torch.autograd.gradgradcheck(fn, tensors)
     torch.library.opcheck(torch.ops.fastjac.tangent_linear.default, (*tensors, activation, "torch"))
+
+
+@settings(deadline=None, max_examples=12)
+@given(N=st.integers(1, 9), n_in=st.integers(1, 9), n_out=st.integers(1, 9), k=st.integers(1, 4),
+       activation=st.sampled_from(ACTIVATIONS), bias=st.booleans())
+def test_reference_matches_torch_func_on_random_shapes(N, n_in, n_out, k, activation, bias):
+    h, T, W, b = inputs(N, n_in, n_out, k, torch.float64)
+    b = b if bias else None
+    y, U = tangent_linear(h, T, W, b, activation=activation, backend="torch")
+    y_ref, U_ref = torch_func(h, T, W, b, activation)
+    assert_close("y", y_ref, y)
+    assert_close("U", U_ref, U)
+
+
+def test_compiles_without_graph_breaks():
+    h, T, W, b = inputs(4, 5, 6, 2, torch.float64)
+    fn = lambda *t: tangent_linear(*t, activation="tanh")  # noqa: E731
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for a, r in zip(compiled(h, T, W, b), fn(h, T, W, b)):
+        assert_close("compiled", r, a)
 
 
 def test_tangent_mlp_columns_use_the_fused_path_and_match_brute_force():
