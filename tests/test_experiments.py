@@ -280,3 +280,17 @@ def test_samples_quick_path_at_toy_size(tmp_path, capsys):
     assert_png(tmp_path / "samples.png")
     assert_png(tmp_path / "frechet.png")
     assert reproduce(tmp_path, "samples", "--quick", "--inception-weights", str(tmp_path / "none.pt")) == 2
+
+
+def test_atomic_write_leaves_no_temporary_file_and_usual_permissions(tmp_path):
+    import os
+    from fastjac.experiments.results import Results
+    res = Results(tmp_path, "x", {"a": 1})
+    res.put("k", {"v": float("nan"), "w": (1, 2)})
+    assert json.loads((tmp_path / "results.json").read_text())["runs"]["k"] == {"v": None, "w": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    with pytest.raises(ValueError, match="another --out"):
+        Results(tmp_path, "x", {"a": 2})

@@ -229,7 +229,7 @@ def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float
 
 # ----------------------------------------------------------------------------- the experiment
 
-QUICK = dict(nonlinearities=("identity", "tanh"), inference=("amortised",), steps=(300, 1500), trials=8,
+QUICK = dict(nonlinearities=("identity", "tanh"), inference=("amortised",), steps=(200, 1000), trials=8,
              num_points=300)
 FULL = dict(nonlinearities=tuple(NONLINEARITIES), inference=INFERENCE, steps=PAPER_STEPS, trials=20,
             num_points=4000)
