@@ -28,7 +28,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _triton.INTERPRETED:
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-D = 300  # not a multiple of the 32-row step; with B = 1 the Gram kernel splits D (atomic adds)
+D = 300  # not a multiple of the row step; with B = 1 the Gram kernel splits D (atomic adds)
+DEFAULT_TILE_ELEMENTS = _triton.TILE_ELEMENTS
+
+
+@pytest.fixture(autouse=True)
+def small_steps(monkeypatch):
+    """32-row steps (the GPU default takes up to 256), so D = 300 spans several steps and,
+    for B = 1 under the interpreter, several programs adding atomically."""
+    monkeypatch.setattr(_triton, "TILE_ELEMENTS", 512)
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +133,8 @@ def test_logdet_every_schedule(schedule, d):
 
 
 @pytest.mark.parametrize("d", [1, 3, 16, 33, 64, 128, 256])
-def test_logdet_default_schedule_unweighted(d):
+def test_logdet_default_schedule_unweighted(d, monkeypatch):
+    monkeypatch.setattr(_triton, "TILE_ELEMENTS", DEFAULT_TILE_ELEMENTS)  # the launch sizes a GPU gets
     check(logdet, *inputs(2, 70, d, weighted=False, seed=d))
 
 

@@ -24,7 +24,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_COLUMNS = 256       # largest d (or k) the kernels are tested for
 GRAM_TILE = 64          # G is computed in GRAM_TILE² tiles once d exceeds it
-ROWS = 32               # rows of J per step of the D loop
+TILE_ELEMENTS = 4096    # rows × columns of J loaded per step: enough bytes in flight per SM
 _PROGRAMS_CPU = 4       # "SM count" under the interpreter: small, so splitting is exercised
 
 
@@ -43,6 +43,16 @@ def unsupported(*, device_type: str, dtype: torch.dtype, d: int, **_sizes) -> Op
 def pad(k: int) -> int:
     """Register tile for k columns: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(k))
+
+
+def step_rows(columns: int) -> int:
+    """Rows of J per step of a loop over D, for a tile of ``columns`` (a power of two)."""
+    return max(32, min(256, TILE_ELEMENTS // columns))
+
+
+def warps(elements: int) -> int:
+    """Warps for a program holding a register tile of ``elements`` fp32 values."""
+    return min(16, max(4, elements // 2048))
 
 
 def programs(device: torch.device) -> int:
@@ -136,12 +146,12 @@ def _gram_kernel(J, w, G, D, k, rows_per_split, s_b, s_r, s_c, s_wb, s_wr,
         tl.store(ptr, acc, mask=mask)
 
 
-def split_rows(B: int, D: int, tiles: int, device: torch.device) -> int:
+def split_rows(B: int, D: int, tiles: int, step: int, device: torch.device) -> int:
     """Rows of J per program so that B · splits · tiles programs fill the device
-    (never fewer than four ROWS steps per program)."""
+    (never fewer than four steps of ``step`` rows per program)."""
     want = max(1, programs(device) // max(1, B * tiles))
     per = triton.cdiv(D, want)
-    return max(per, 4 * ROWS) if want > 1 else D
+    return max(per, 4 * step) if want > 1 else D
 
 
 def gram(J: torch.Tensor, w: Optional[torch.Tensor], *, diagonal: bool = False,
@@ -152,7 +162,8 @@ def gram(J: torch.Tensor, w: Optional[torch.Tensor], *, diagonal: bool = False,
     tile = min(pad(k), GRAM_TILE)
     tiles = triton.cdiv(k, tile)
     grid_tiles = tiles if diagonal else tiles * tiles
-    per = rows_per_split or split_rows(B, D, grid_tiles, J.device)
+    step = step_rows(tile)
+    per = rows_per_split or split_rows(B, D, grid_tiles, step, J.device)
     splits = triton.cdiv(D, per)
     shape = (B, k) if diagonal else (B, k, k)
     G = torch.zeros(shape, dtype=torch.float32, device=J.device)
@@ -162,7 +173,8 @@ def gram(J: torch.Tensor, w: Optional[torch.Tensor], *, diagonal: bool = False,
     _gram_kernel[(B, splits, grid_tiles)](
         J, w_arg, G, D, k, per, *J.stride(), *s_w,
         HAS_W=w is not None, DIAGONAL=diagonal, ATOMIC=splits > 1, NATIVE=native,
-        PRECISION=precision, ROWS=ROWS, TILE=tile, TILES=1 if diagonal else tiles)
+        PRECISION=precision, ROWS=step, TILE=tile, TILES=1 if diagonal else tiles,
+        num_warps=warps(tile * (1 if diagonal else tile)))
     return G
 
 
@@ -219,12 +231,14 @@ def _apply_gamma(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor
     grad_J = torch.empty_like(J, memory_format=torch.contiguous_format) if need_J else J.new_empty(0)
     grad_w = torch.empty((B, D), dtype=torch.float32, device=J.device) if need_w else J.new_empty(0)
     _, precision = dot_mode(torch.float32, True)
-    _apply_gamma_kernel[(B, triton.cdiv(D, ROWS))](
+    tile = min(pad(k), GRAM_TILE)
+    step = step_rows(tile)
+    _apply_gamma_kernel[(B, triton.cdiv(D, step))](
         J, J if w is None else w, gamma, J if not need_J else grad_J, J if not need_w else grad_w,
         D, k, *J.stride(), *((0, 0) if w is None else w.stride()),
         *(grad_J.stride() if need_J else (0, 0, 0)),
         HAS_W=w is not None, WRITE_J=need_J, WRITE_W=need_w, DIAGONAL=gamma.dim() == 2,
-        PRECISION=precision, ROWS=ROWS, TILE=min(pad(k), GRAM_TILE))
+        PRECISION=precision, ROWS=step, TILE=tile, num_warps=warps(step * tile // 2))
     return grad_J, grad_w
 
 

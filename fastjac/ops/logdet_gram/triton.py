@@ -94,7 +94,7 @@ def factorise(J, w, beta, block_size: int, schedule: Optional[str] = None):
         J, J if w is None else w, L if G is None else G, beta, L, logdet, D, k, block_size,
         *J.stride(), *((0, 0) if w is None else w.stride()),
         FUSED=fused, HAS_W=w is not None, NATIVE=native, PRECISION=precision,
-        ROWS=_triton.ROWS, BD=_triton.pad(k))
+        ROWS=_triton.step_rows(_triton.pad(k)), BD=_triton.pad(k), num_warps=_triton.warps(_triton.pad(k) ** 2))
     return logdet, L
 
 

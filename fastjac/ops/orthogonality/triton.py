@@ -50,7 +50,7 @@ def _cosines(C: torch.Tensor, grad: Optional[torch.Tensor], block_size: int, eps
     pairs = (k * k - (k // block_size) * block_size ** 2 - (k % block_size) ** 2) // 2  # off-block, i < j
     out = torch.empty((B, k, k) if grad is not None else (B,), dtype=torch.float32, device=C.device)
     _cosine_kernel[(B,)](C, C if grad is None else grad.to(torch.float32).contiguous(), out, k, block_size,
-                         float(eps), float(pairs), BACKWARD=grad is not None, BK=_triton.pad(k))
+                         float(eps), float(pairs), BACKWARD=grad is not None, BK=_triton.pad(k), num_warps=_triton.warps(_triton.pad(k) ** 2))
     return out
 
 
