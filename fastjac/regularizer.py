@@ -61,7 +61,9 @@ def register_estimator(name: str):
 
 
 def observation_weights(obs, out: Tensor, x: Optional[Tensor]):
-    """w for J_w: a number, or (B, D) matching the flattened output."""
+    """w for J_w: a number, or (B, D) matching the flattened output. x may be flat or shaped."""
+    if x is not None and x.numel() == out.numel():
+        x = x.reshape(out.shape).to(out.dtype)
     w = obs.weights(out, x)
     if isinstance(w, Tensor) and w.dim() > 0:
         return w.reshape(out.shape[0], -1)

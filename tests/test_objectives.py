@@ -242,3 +242,15 @@ def test_beta_vae_loss_is_reparameterised_mean():
     z = mu + (C @ eps).squeeze(-1)
     recon = 0.5 * ((dec(z) - x) ** 2).sum(-1).mean(0)
     assert_close("beta-vae", recon + BETA * fastjac.gaussian_kl(mu, C), loss)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "stochastic"])
+def test_flat_data_against_image_output(estimator):
+    """x given flat (B, 64) while the decoder returns (B, 1, 8, 8): same loss as shaped x."""
+    dec, _, z, x = _setup("conv", "bernoulli")
+    x = (x > 0.5).double()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    shaped = fastjac.grae_loss(dec, z, x, BETA, estimator=estimator, observation="bernoulli", generator=gen())
+    flat = fastjac.grae_loss(dec, z, x.flatten(1), BETA, estimator=estimator, observation="bernoulli",
+                             generator=gen())
+    assert_close("flat x", shaped, flat)
