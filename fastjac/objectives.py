@@ -45,8 +45,12 @@ def grae_loss(decoder: Callable, z: Tensor, x: Tensor, beta, *, estimator: str =
         decoder: callable (B, d) -> (B, *out_shape), acting per sample.
         z: (B, d) codes h(x) from your encoder; x: (B, *out_shape) the data.
         beta: β > 0 (number or 0-d tensor).
-        estimator: "exact" | "fischer" | "hadamard" | "frobenius" | "stochastic" (GRAE≈);
-            see :func:`fastjac.jacobian_regularizer`.
+        estimator: "exact" | "fischer" | "hadamard" | "frobenius" | "stochastic" (GRAE≈) |
+            "hutchinson_cg" (unbiased gradient of the exact R, cost independent of d);
+            see :func:`fastjac.jacobian_regularizer` and the README's estimator table.
+        num_probes, cg_max_iter, cg_tol: probes and conjugate-gradient limits of "hutchinson_cg".
+        chunk_size: for "exact"/"fischer", columns are produced in chunks and recomputed in the
+            backward, so memory follows the chunk, not d.
         num_columns: k columns (or blocks) drawn per sample by "stochastic".
         block_size: posterior block size b for "fischer", "stochastic" and the orthogonality pairs.
         observation: "gaussian" | "bernoulli" | "bernoulli_logits" | an object (SPEC §2).
