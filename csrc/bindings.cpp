@@ -1,0 +1,97 @@
+// fastjac._C: pybind11 bindings. Arguments are plain integers (addresses, sizes, strides in
+// elements); validation is the Python side's job. device < 0 runs the host path with `threads`
+// threads; device >= 0 enqueues the CUDA kernels on `stream` (a cudaStream_t as an integer).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <stdexcept>
+
+#include "fastjac/api.h"
+
+namespace py = pybind11;
+using fastjac::Problem;
+using fastjac::View;
+using Strided = std::array<int64_t, 4>;  // address, then up to three strides in elements
+
+namespace {
+
+View view(const Strided& s) { return View{s[0], s[1], s[2], s[3]}; }
+
+Problem problem(int64_t B, int64_t D, int d, const Strided& J, const Strided& w) {
+  Problem p;
+  p.B = B, p.D = D, p.d = d, p.J = view(J), p.w = view(w);
+  return p;
+}
+
+struct Target {  // where to run
+  int device;
+  int64_t stream;
+  int threads;
+};
+
+// Calls f.template operator()<T>() with T the C++ type of `dtype` (0 float32, 1 float64).
+template <class F>
+auto by_dtype(int dtype, F f) {
+  if (dtype == 0) return f(float{});
+  if (dtype == 1) return f(double{});
+  throw std::invalid_argument("fastjac._C: dtype code must be 0 (float32) or 1 (float64)");
+}
+
+template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address); }
+
+int64_t factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t beta,
+               int block_size, int64_t L, int64_t logdet) {
+  const Problem p = problem(B, D, d, J, w);
+  py::gil_scoped_release release;
+  return by_dtype(dtype, [&](auto zero) -> int64_t {
+    using T = decltype(zero);
+    if (t.device >= 0) {
+      fastjac::cuda::factor<T>(p, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.device, t.stream);
+      return -1;
+    }
+    return fastjac::host::factor<T>(p, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.threads);
+  });
+}
+
+void inverse(int dtype, Target t, int64_t B, int d, int block_size, int64_t L, int64_t out, int64_t trace) {
+  py::gil_scoped_release release;
+  by_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if (t.device >= 0)
+      fastjac::cuda::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), ptr<T>(trace), t.device, t.stream);
+    else
+      fastjac::host::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), ptr<T>(trace), t.threads);
+  });
+}
+
+void gram_pass(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t gamma,
+               int64_t scale, int64_t grad_J, int64_t grad_w) {
+  const Problem p = problem(B, D, d, J, w);
+  py::gil_scoped_release release;
+  by_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    if (t.device >= 0)
+      fastjac::cuda::gram_pass<T>(p, ptr<T>(gamma), ptr<T>(scale), ptr<T>(grad_J), ptr<T>(grad_w), t.device, t.stream);
+    else
+      fastjac::host::gram_pass<T>(p, ptr<T>(gamma), ptr<T>(scale), ptr<T>(grad_J), ptr<T>(grad_w), t.threads);
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastjac's compiled kernels: batched Cholesky log-determinant of I + J_wᵀJ_w/β (host and CUDA)";
+  py::class_<Target>(m, "Target")
+      .def(py::init<int, int64_t, int>(), py::arg("device"), py::arg("stream"), py::arg("threads"));
+  m.attr("has_cuda") = fastjac::cuda::built();
+  m.def("factor", &factor,
+        "L = chol(I + mask*J^T W J/beta) and log det; returns the first failed batch index or -1 (host)",
+        py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
+        py::arg("w"), py::arg("beta"), py::arg("block_size"), py::arg("L"), py::arg("logdet"));
+  m.def("inverse", &inverse, "M^-1 = (L L^T)^-1 and its trace", py::arg("dtype"), py::arg("target"),
+        py::arg("B"), py::arg("d"), py::arg("block_size"), py::arg("L"), py::arg("out"), py::arg("trace"));
+  m.def("gram_pass", &gram_pass, "grad_J = 2 W J Gamma s, grad_w = rowsum(J Gamma s * J)", py::arg("dtype"),
+        py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"), py::arg("w"),
+        py::arg("gamma"), py::arg("scale"), py::arg("grad_J"), py::arg("grad_w"));
+}

@@ -1,0 +1,33 @@
+// Linked instead of cuda/kernels.cu when the extension is built without CUDA: the device entry
+// points exist but say so.
+#include <stdexcept>
+
+#include "../fastjac/api.h"
+
+namespace fastjac {
+namespace cuda {
+
+bool built() { return false; }
+
+namespace {
+[[noreturn]] void missing() {
+  throw std::runtime_error(
+      "fastjac._C was built without CUDA support (no nvcc at install time, or FASTJAC_CUDA=0); "
+      "reinstall with nvcc on PATH and FASTJAC_CUDA=1");
+}
+}  // namespace
+
+template <class T> void factor(const Problem&, const T*, int, T*, T*, int, int64_t) { missing(); }
+template <class T> void inverse(int64_t, int, int, const T*, T*, T*, int, int64_t) { missing(); }
+template <class T> void gram_pass(const Problem&, const T*, const T*, T*, T*, int, int64_t) { missing(); }
+
+#define FASTJAC_INSTANTIATE(T)                                                                      \
+  template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
+  template void inverse<T>(int64_t, int, int, const T*, T*, T*, int, int64_t);                     \
+  template void gram_pass<T>(const Problem&, const T*, const T*, T*, T*, int, int64_t);
+FASTJAC_INSTANTIATE(float)
+FASTJAC_INSTANTIATE(double)
+#undef FASTJAC_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace fastjac
