@@ -119,6 +119,9 @@ def _check(cfg: TrainConfig) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
     if cfg.eval_samples < 2:
         raise ValueError(f"eval_samples must be >= 2 (for a standard error), got {cfg.eval_samples}")
+    for name in ("threads", "crop"):
+        if getattr(cfg, name) is not None and not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {getattr(cfg, name)!r}")
     for name in ("beta", "lr", "sigma", "width"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
             raise ValueError(f"{name} must be finite and > 0, got {getattr(cfg, name)!r}")
