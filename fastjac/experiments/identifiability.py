@@ -121,11 +121,12 @@ def _trial(seeds: tuple[int, int], nonlinearity: str, inference: str, training: 
     return Data(W, Z, X), params, fixed
 
 
-def simulate(seeds, setting: Setting, training: Training, dtype=torch.float64):
-    """Stack the trials' data, trainable parameters and fixed rotations along dimension 0."""
+def simulate(seeds, setting: Setting, training: Training, dtype=torch.float64, device="cpu"):
+    """Stack the trials' data, trainable parameters and fixed rotations along dimension 0
+    (drawn on the CPU, so a trial is the same on every device)."""
     trials = [_trial(s, setting.nonlinearity, setting.inference, training, dtype) for s in seeds]
-    data = Data(*(torch.stack(parts) for parts in zip(*(t[0] for t in trials))))
-    stack = lambda dicts: {k: torch.stack([t[k] for t in dicts]) for k in dicts[0]}  # noqa: E731
+    data = Data(*(torch.stack(parts).to(device) for parts in zip(*(t[0] for t in trials))))
+    stack = lambda dicts: {k: torch.stack([t[k] for t in dicts]).to(device) for k in dicts[0]}  # noqa: E731
     params = {k: v.requires_grad_() for k, v in stack([t[1] for t in trials]).items()}
     return data, params, stack([t[2] for t in trials])
 
@@ -185,7 +186,7 @@ def negative_elbo(params, fixed, X: Tensor, *, nonlinearity: str, covariance: st
 def train(params, fixed, X: Tensor, setting: Setting, training: Training,
           progress: Optional[Progress] = None) -> Tensor:
     """Full-batch steps with the stepwise schedule; returns the final −ELBO per trial (T,)."""
-    rule = hermite_rule(training.quadrature, X.dtype)
+    rule = tuple(t.to(X.device) for t in hermite_rule(training.quadrature, X.dtype))
     loss_of = lambda: negative_elbo(params, fixed, X, nonlinearity=setting.nonlinearity,  # noqa: E731
                                     covariance=setting.covariance, rule=rule)
     opt_class = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
@@ -206,7 +207,7 @@ def train(params, fixed, X: Tensor, setting: Setting, training: Training,
         return loss_of()
 
 
-def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64,
+def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64, device="cpu",
                progress: Optional[Progress] = None) -> dict:
     """Train the trials of one setting as one batched computation and measure them.
 
@@ -214,7 +215,7 @@ def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float
         seeds: per trial, (data seed, initialisation seed); see :func:`trial_seeds`.
     Returns lists over trials: elbo (nats per point), angle (degrees, true latents vs posterior
     means), principal_angle (vs W's right singular vectors), and the seeds."""
-    data, params, fixed = simulate(seeds, setting, training, dtype)
+    data, params, fixed = simulate(seeds, setting, training, dtype, device)
     neg_elbo = train(params, fixed, data.X, setting, training, progress)
     with torch.no_grad():
         mu, _ = posterior(params, fixed, data.X, setting.covariance)
@@ -361,7 +362,7 @@ def run(args) -> int:
         T = trials_for(s.steps_per_stage, grid, args.quick)
         progress = Progress(s.key, training.stages * s.steps_per_stage)
         seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
-        rec = run_trials(seeds, s, training, progress=progress)
+        rec = run_trials(seeds, s, training, device=args.device, progress=progress)
         rec["seconds"] = progress.elapsed()
         results.put(s.key, rec)
         elbo = np.array([e if e is not None else np.nan for e in rec["elbo"]])
