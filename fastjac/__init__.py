@@ -11,6 +11,7 @@ from .observations import Bernoulli, BernoulliLogits, Gaussian
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
                   optimal_posterior_covariance, orthogonality_penalty)
 from .regularizer import ESTIMATORS, jacobian_regularizer
+from . import nn  # fastjac.nn.JacobianRegularizer and the fused tangent layers
 from . import hutchinson  # registers "hutchinson_cg"
 from ._info import info
 
