@@ -38,7 +38,7 @@ def test_naive_jacobians_agree_with_jacobian_columns():
     assert_close("functional.jacobian", J, naive.jacobian_per_sample(dec, z), 1e-10)
 
 
-@pytest.mark.parametrize("model", ["mlp", "mnist"])
+@pytest.mark.parametrize("model", ["mlp", "mlp_fused", "mnist"])
 def test_exact_grae_rivals_compute_the_same_loss(model):
     """The naive exact step (vmap(jacfwd) + Cholesky) and fastjac's optimise the same objective."""
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def test_exact_grae_rivals_compute_the_same_loss(model):
     assert_close("loss", ours, theirs, 1e-4)
 
 
-@pytest.mark.parametrize("model", ["mlp", "mnist"])
+@pytest.mark.parametrize("model", ["mlp", "mlp_fused", "mnist", "celeba"])
 def test_models_map_codes_to_data_shape(model):
     m = models.build(model, 4, code_dim=8, width=1 / 16)
     x = models.data(m, 3, device="cpu", generator=torch.Generator().manual_seed(0))

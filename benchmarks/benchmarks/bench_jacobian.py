@@ -7,13 +7,15 @@ def sizes(model, device, implementation):
     table = (suites.CUDA if device == "cuda" else suites.CPU).models
     if model not in table:
         raise NotImplementedError(f"model {model} is not benchmarked on {device}")
-    if implementation == "functional.jacobian" and model != "mlp":
-        raise NotImplementedError("per-sample reverse mode takes minutes per call on the conv models")
+    if implementation == "functional.jacobian":  # reverse mode, one sample at a time: seconds a sample
+        if model not in ("mlp", "mlp_fused"):
+            raise NotImplementedError("per-sample reverse mode takes minutes per call on the conv models")
+        return dict(table[model], B=4)
     return table[model]
 
 
 class JacobianColumns:
-    params = (["mlp", "mnist", "celeba"], list(W.JACOBIAN_IMPLEMENTATIONS), ["1", "all"], ["cpu", "cuda"])
+    params = (["mlp", "mlp_fused", "mnist", "celeba"], list(W.JACOBIAN_IMPLEMENTATIONS), ["1", "all"], ["cpu", "cuda"])
     param_names = ["model", "implementation", "columns", "device"]
 
     def setup(self, model, implementation, columns, device):

@@ -5,7 +5,7 @@ from .bench_jacobian import sizes
 
 
 class TrainingStep:
-    params = (["mlp", "mnist", "celeba"], list(W.OBJECTIVES), list(W.TRAINING_IMPLEMENTATIONS), ["cpu", "cuda"])
+    params = (["mlp", "mlp_fused", "mnist", "celeba"], list(W.OBJECTIVES), list(W.TRAINING_IMPLEMENTATIONS), ["cpu", "cuda"])
     param_names = ["model", "objective", "implementation", "device"]
 
     def setup(self, model, objective, implementation, device):

@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
                         help="interleaved repeats per rival (default 15; 3 with --quick)")
     parser.add_argument("--areas", default=",".join(suites.AREAS),
                         help=f"comma-separated subset of {','.join(suites.AREAS)}")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds of samples after which a slow rival stops repeating (min. 3 repeats)")
 
@@ -42,6 +44,10 @@ def run(args) -> int:
         raise SystemExit("fastjac bench: --repeats must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("fastjac bench: --device cuda but torch sees no CUDA device")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("fastjac bench: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     peaks = timing.measure_peaks(device) if device.type == "cuda" and not args.quick else None
     groups = suites.groups(args.device, quick=args.quick, areas=areas)

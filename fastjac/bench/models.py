@@ -1,6 +1,7 @@
 """The encoder/decoder pairs the benchmarks train, from :mod:`fastjac.models`.
 
-"mlp": two hidden layers of 256·width units on 28×28 data; "mnist" and "celeba": the App. D
+"mlp": two hidden layers of 256·width units on 28×28 data; "mlp_fused": the same decoder as a
+:class:`fastjac.nn.TangentMLP`, whose Jacobian columns come from the fused tangent_linear op; "mnist" and "celeba": the App. D
 conv architectures with every channel count multiplied by ``width`` (1.0 is the paper's).
 Decoder BatchNorm runs in eval mode in every benchmark, for every rival alike: the per-sample
 Jacobian is exact there (SPEC §5), and the baselines' per-sample ``vmap`` cannot run
@@ -8,14 +9,16 @@ train-mode BatchNorm.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.networks import DATA_SHAPES, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder, _channels
+from ..nn.tangent import TangentMLP
 
-MODELS = ("mlp", "mnist", "celeba")
+MODELS = ("mlp", "mlp_fused", "mnist", "celeba")
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,14 @@ class Model:
 def build(name: str, latent_dim: int, *, code_dim: int, width: float = 1.0, device="cpu") -> Model:
     """Model ``name`` ("mlp" | "mnist" | "celeba") on ``device``; its encoder ends in a
     ``code_dim`` linear head (d for a code, 2d for a mean-field posterior)."""
-    if name == "mlp":
+    if name in ("mlp", "mlp_fused"):
         x_shape, hidden = DATA_SHAPES["mnist"], (_channels(256, width),) * 2
-        trunk, dec = MLPEncoder(x_shape, hidden=hidden), MLPDecoder(latent_dim, x_shape, hidden=hidden)
+        trunk = MLPEncoder(x_shape, hidden=hidden)
+        if name == "mlp":
+            dec = MLPDecoder(latent_dim, x_shape, hidden=hidden)
+        else:
+            dec = TangentMLP([latent_dim, *hidden, math.prod(x_shape)], activation="elu",
+                             output_activation="sigmoid", out_shape=x_shape)
     elif name in ("mnist", "celeba"):
         x_shape = DATA_SHAPES[name]
         trunk, dec = ConvEncoder(name, width=width), ConvDecoder(latent_dim, name, width=width)

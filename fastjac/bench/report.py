@@ -105,7 +105,7 @@ def table(result: dict) -> str:
         p = result["peaks"]
         lines.append(f"floor = max(bytes / {p['bandwidth'] / 1e9:.0f} GB/s, flops / {p['flops'] / 1e12:.1f} "
                      "TFLOP/s), both measured on this card")
-    cols = f"{'workload':46s} {'implementation':24s} {'median':>10s} {'ratio':>7s}"
+    cols = f"{'workload':48s} {'implementation':32s} {'median':>10s} {'ratio':>7s}"
     if on_card:
         cols += f" {'floor':>10s} {'of floor':>8s}"
     lines += ["", cols + "  target", "-" * (len(cols) + 8)]
@@ -117,7 +117,7 @@ def table(result: dict) -> str:
         name = r["workload"] if r["workload"] != title else ""
         title = r["workload"]
         label = r["implementation"] + (" (baseline)" if r["baseline"] else "")
-        line = f"{name:46s} {label:24s} {_duration(r['median_s']):>10s} {r['ratio']:7.2f}"
+        line = f"{name:48s} {label:32s} {_duration(r['median_s']):>10s} {r['ratio']:7.2f}"
         if on_card:
             line += (f" {_duration(r['floor_s']):>10s} {100 * r['of_floor']:7.1f}%" if "floor_s" in r
                      else f" {'':>10s} {'':>8s}")

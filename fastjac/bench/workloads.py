@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import objectives, regularizer
+from .._validation import checks as check_values
 from ..jacobian import jacobian_columns
 from ..ops import (_dispatch, column_estimate, hadamard_bound, logdet_gram, orthogonality_penalty)
 from . import models, naive
@@ -190,13 +191,14 @@ def _check_training(objective, implementation, dev, B, D, d):
 
 
 def training_step(model: str, objective: str, implementation: str, *, device: str, B: int, d: int,
-                  width: float = 1.0, beta: float = BETA, seed: int = 0) -> Workload:
+                  width: float = 1.0, beta: float = BETA, seed: int = 0, checks: bool = True) -> Workload:
     """One Adam step of ``objective`` on a fixed batch (Gaussian σ = 1 observations).
 
     objective: "ae" (plain autoencoder), "beta_vae" (mean field, one sample), "grae_k1"/"grae_k4"
     (GRAE≈ with k columns), "grae_exact", "grae_exact_chunk4" (tangents pushed 4 at a time, bounding
     memory), "grae_hutchinson_cg". implementation: a fastjac backend,
     or "vmap(jacfwd)" / "functional.jacobian" (the user's full J and autograd through the operator).
+    checks: fastjac's value checks (finiteness, one sync on a GPU) on, the default, or off.
     """
     dev = require_device(device)
     torch.manual_seed(seed)
@@ -209,7 +211,8 @@ def training_step(model: str, objective: str, implementation: str, *, device: st
     loss_of = _loss(objective, implementation, m, beta, gen)
 
     def step():
-        loss = loss_of(x)
+        with check_values(checks):
+            loss = loss_of(x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
