@@ -200,7 +200,7 @@ def test_objectives_quick_path_at_toy_size(tmp_path, capsys):
         assert all(math.isfinite(r[k]) for k in ("beta_vae", "beta_vae_stderr", "taylor", "grae"))
     assert doc["summary"]["all_gaps_nonnegative"] is True
     assert_png(tmp_path / "objectives.png")
-    assert len(list((tmp_path / "models").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "models").glob("*/checkpoint.pt"))) == 4   # one trainer run per model
     assert reproduce(tmp_path, *argv) == 0                       # resume
     assert capsys.readouterr().out.count("done already, skipped") == 4
 
@@ -209,7 +209,7 @@ def test_objectives_bad_settings_are_refused(tmp_path, capsys):
     assert reproduce(tmp_path, "objectives", "--quick", "--blocks", "5", "--latent-dim", "4") == 2
     assert "--blocks must lie in [1, d = 4]" in capsys.readouterr().out
     assert reproduce(tmp_path, "objectives", "--quick", "--dataset", "mnist") == 2
-    assert "needs --data-dir" in capsys.readouterr().out
+    assert "--data-dir" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------- structure
@@ -276,7 +276,7 @@ def test_samples_quick_path_at_toy_size(tmp_path, capsys):
     doc = read_results(tmp_path)
     assert set(doc["runs"]) == {f"{m}/beta={b}" for m in ("beta-vae", "grae≈") for b in ("0.05", "0.5")}
     assert all(r["frechet"] >= 0 for r in doc["runs"].values())
-    assert doc["summary"]["classifier"]["task"] == "labels"
+    assert doc["summary"]["classifier"]["task"] == "rotation (4 classes)"
     assert_png(tmp_path / "samples.png")
     assert_png(tmp_path / "frechet.png")
     assert reproduce(tmp_path, "samples", "--quick", "--inception-weights", str(tmp_path / "none.pt")) == 2

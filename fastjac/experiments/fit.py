@@ -1,5 +1,6 @@
-"""Train one model of an experiment (Adam, random minibatches) and keep its weights in
-``out/models/<name>.pt`` so an interrupted experiment does not retrain what it finished."""
+"""Train a small auxiliary network of an experiment (the feature classifier; the autoencoders use
+``fastjac.training``) with Adam on random minibatches, and keep its weights in ``checkpoint`` so
+an interrupted experiment does not retrain it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,18 +11,14 @@ from torch import Tensor, nn
 from .results import Progress, atomic_write
 
 
-def _to(batch, device):
-    return tuple(t.to(device) for t in batch) if isinstance(batch, tuple) else batch.to(device)
-
-
-def fit(model: nn.Module, data: Tensor, *, steps: int, batch_size: int, lr: float, seed: int,
+def fit(model: nn.Module, data, *, steps: int, batch_size: int, lr: float, seed: int,
         checkpoint: Path, label: str, device: str = "cpu") -> dict:
     """Minimise ``model.loss(batch)`` for ``steps`` Adam steps, or load the finished weights.
 
     Args:
-        model: anything with ``loss(x) -> scalar`` (our BetaVAE / GRAE, a classifier wrapper).
-        data: (N, ...) training data, or anything indexable by a LongTensor returning a tuple of
-            tensors (e.g. inputs and labels); batches are drawn with replacement from ``seed``.
+        model: anything with ``loss(x) -> scalar``.
+        data: a source with ``len()`` and ``batch(indices) -> Tensor`` (``fastjac.training`` data);
+            batches are drawn with replacement from ``seed``.
     Returns:
         {"final_loss": mean loss over the last 10% of steps (None if loaded), "seconds": ...}.
     """
@@ -37,8 +34,8 @@ def fit(model: nn.Module, data: Tensor, *, steps: int, batch_size: int, lr: floa
     model.train()
     tail, tail_count = 0.0, 0
     for step in range(steps):
-        batch = data[torch.randint(len(data), (batch_size,), generator=g)]
-        loss = model.loss(_to(batch, device))
+        x = data.batch(torch.randint(len(data), (batch_size,), generator=g)).to(device)
+        loss = model.loss(x)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{label}: the loss became {float(loss)} at step {step}; "
                                      "lower the learning rate")

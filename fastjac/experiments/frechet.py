@@ -1,9 +1,9 @@
 """Fréchet distances between image sets, on features of a network fastjac trains itself.
 
 This is NOT the Inception FID of the literature: the features come from a small convolutional
-classifier trained on the experiment's own training set (on its labels when it has them, e.g.
-digits/MNIST; otherwise on predicting which of four rotations was applied, which needs no labels,
-e.g. CelebA). Distances compare models within one run, not with published FIDs.
+classifier trained on the experiment's own training set to tell which of four rotations (0°, 90°,
+180°, 270°) was applied to an image — a task that needs no labels, so digits, MNIST and CelebA are
+treated alike. Distances compare models within one run, not with published FIDs.
 True FID needs Inception-v3 weights given by path (``--inception-weights``; loaded with
 ``torch.load(weights_only=True)`` into torchvision's Inception-v3; nothing is downloaded).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -40,11 +39,17 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(Sa) + np.trace(Sb) - 2 * trace_root)
 
 
+def rotations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The four rotations of every image (4B, C, H, W) and which one each is (4B,)."""
+    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
+    return rotated, torch.arange(4, device=x.device).repeat_interleave(len(x))
+
+
 class FeatureClassifier(nn.Module):
     """Conv net: stride-2 ELU convolutions down to ≤ 4×4, global average pool → features (B, 128),
-    then a linear layer to the classes. ``loss(x)`` trains it on labels or rotations."""
+    then a linear layer to the four rotations. ``loss(x)`` is the rotation task's cross-entropy."""
 
-    def __init__(self, data_shape, num_classes: int):
+    def __init__(self, data_shape):
         super().__init__()
         c, h, _ = data_shape
         layers, width = [nn.Conv2d(c, 32, 3, padding=1), nn.ELU()], 32
@@ -53,7 +58,7 @@ class FeatureClassifier(nn.Module):
             layers += [nn.Conv2d(width, out, 3, stride=2, padding=1), nn.ELU()]
             width = out
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(width, num_classes)
+        self.head = nn.Linear(width, 4)
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
@@ -61,47 +66,25 @@ class FeatureClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.body(x))
 
-    def loss(self, batch) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self(x), y)
+    def loss(self, x: Tensor) -> Tensor:
+        inputs, targets = rotations(x)
+        return F.cross_entropy(self(inputs), targets)
 
 
-def _task_data(x: Tensor, labels: Optional[Tensor]):
-    """(inputs, targets) for the classifier: the labels, or the four rotations of every image."""
-    if labels is not None:
-        return x, labels
-    rotated = torch.cat([torch.rot90(x, k, dims=(-2, -1)) for k in range(4)])
-    return rotated, torch.arange(4).repeat_interleave(len(x))
-
-
-class _Pairs:
-    """Indexable (x, y) pairs so :func:`fit` can draw minibatches of both at once."""
-
-    def __init__(self, x: Tensor, y: Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, index):
-        return self.x[index], self.y[index]
-
-
-def trained_classifier(split, *, steps: int, seed: int, checkpoint: Path,
+def trained_classifier(train, test: Tensor, *, steps: int, seed: int, checkpoint: Path,
                        device: str = "cpu") -> tuple[FeatureClassifier, dict]:
-    """Train (or reload) the feature classifier on ``split.train`` (labels, or rotations without
-    them); returns it in eval mode and the fit record with its held-out accuracy."""
-    x, y = _task_data(split.train, split.train_labels)
+    """Train (or reload) the feature classifier on the source ``train``; returns it in eval mode
+    and a record with its rotation accuracy on the held-out images ``test``."""
     torch.manual_seed(seed)
-    net = FeatureClassifier(tuple(split.train.shape[1:]), int(y.max()) + 1)
-    record = fit(net, _Pairs(x, y), steps=steps, batch_size=128, lr=1e-3, seed=seed,
-                 checkpoint=checkpoint, label="feature classifier", device=device)
+    net = FeatureClassifier(tuple(test.shape[1:]))
+    record = fit(net, train, steps=steps, batch_size=64, lr=1e-3, seed=seed, checkpoint=checkpoint,
+                 label="feature classifier", device=device)
     net.eval()
-    tx, ty = _task_data(split.test, split.test_labels)
     with torch.no_grad():
-        predicted = torch.cat([net(c.to(device)).argmax(1).cpu() for c in torch.split(tx, 500)])
-    record["task"] = "labels" if split.train_labels is not None else "rotation (4 classes)"
-    record["held_out_accuracy"] = float((predicted == ty).float().mean())
+        inputs, targets = rotations(test)
+        predicted = torch.cat([net(c.to(device)).argmax(1).cpu() for c in torch.split(inputs, 500)])
+    record["task"] = "rotation (4 classes)"
+    record["held_out_accuracy"] = float((predicted == targets).float().mean())
     return net, record
 
 

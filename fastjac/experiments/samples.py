@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from . import common, plotting
-from . import data as datasets
 from .frechet import InceptionFeatures, features, frechet_distance, trained_classifier
 from .results import Results, log
 
@@ -46,30 +45,31 @@ def run(args) -> int:
         raise ValueError("--betas must be > 0, --samples >= 2 and --classifier-steps >= 1")
     model_cfg = common.model_config(args, base["train_steps"])
     inception = InceptionFeatures(args.inception_weights, args.device) if args.inception_weights else None
-    split = datasets.load(args.dataset, args.data_dir)
+    data = common.load_data(args)
     results = Results(args.out, "samples", {"model": model_cfg, "grid": grid, "quick": bool(args.quick),
-                                            "data": split.description})
-    log(f"samples: {split.description}; {model_cfg['architecture']} β-VAE and GRAE≈, d = "
+                                            "data": data.description})
+    log(f"samples: {data.description}; {model_cfg['architecture']} β-VAE and GRAE≈, d = "
         f"{grid['latent_dim']}, {model_cfg['train_steps']} steps each → {args.out}")
-    classifier, cls_record = trained_classifier(split, steps=grid["classifier_steps"], seed=args.seed,
-                                                checkpoint=args.out / "models" / "feature-classifier.pt",
-                                                device=args.device)
+    real = common.first(data.test, grid["samples"])
+    classifier, cls_record = trained_classifier(data.train, real, steps=grid["classifier_steps"],
+                                                seed=args.seed, device=args.device,
+                                                checkpoint=args.out / "models" / "feature-classifier.pt")
     log(f"feature classifier ({cls_record['task']}): held-out accuracy {cls_record['held_out_accuracy']:.3f}")
-    n = min(grid["samples"], len(split.test))
-    real = split.test[:n]
+    n = len(real)
     real_features = features(classifier, real)
+    train_real = common.first(data.train, n)
     reference = dict(classifier=cls_record, held_out_images=n,
-                     floor=frechet_distance(features(classifier, split.train[:n]), real_features))
+                     floor=frechet_distance(features(classifier, train_real), real_features))
     if inception is not None:
         real_inception = features(inception, real)
-        reference["fid_floor"] = frechet_distance(features(inception, split.train[:n]), real_inception)
+        reference["fid_floor"] = frechet_distance(features(inception, train_real), real_inception)
     shown = {}
     points = [(m, beta) for m in MODELS for beta in grid["betas"]]
     for i, (name, beta) in enumerate(points, 1):
         key = f"{name}/beta={beta:g}"
         kind = "beta-vae" if name == "beta-vae" else "grae"
         model, fitted = common.trained_autoencoder(
-            kind, split, model_cfg, out=args.out, name=f"samples-{kind}-beta{beta:g}", device=args.device,
+            kind, model_cfg, data.shape, out=args.out, name=f"samples-{kind}-beta{beta:g}", device=args.device,
             latent_dim=grid["latent_dim"], beta=beta, **MODELS[name])
         with torch.no_grad():
             fake = model.sample(grid["samples"], generator=torch.Generator(args.device).manual_seed(args.seed))
@@ -79,7 +79,7 @@ def run(args) -> int:
             log(f"[{i}/{len(points)}] {key}: done already, skipped")
             continue
         with torch.no_grad():
-            test = split.test[:n].to(args.device)
+            test = real.to(args.device)
             recon_error = float(((model.reconstruct(test) - test) ** 2).flatten(1).sum(1).mean())
         rec = dict(model=name, beta=beta, frechet=frechet_distance(features(classifier, fake), real_features),
                    reconstruction_sq_error=recon_error, train=fitted)

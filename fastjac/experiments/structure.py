@@ -20,7 +20,6 @@ from ..jacobian import jacobian_columns
 from ..models import block_mask
 from ..regularizer import observation_weights
 from . import common, plotting
-from . import data as datasets
 from .results import Results, log
 
 # (β, d, b) of the paper's Fig. 7 panels
@@ -81,17 +80,17 @@ def run(args) -> int:
             raise ValueError(f"--models: need β > 0, d >= 2 and 1 <= b <= d, got {beta},{d},{b}")
     grid = dict(models=[list(m) for m in models], test_points=args.test_points or base["test_points"])
     model_cfg = common.model_config(args, base["train_steps"])
-    split = datasets.load(args.dataset, args.data_dir)
-    test = split.test[: grid["test_points"]].double()
+    data = common.load_data(args)
+    test = common.first(data.test, grid["test_points"]).double()
     results = Results(args.out, "structure", {"model": model_cfg, "grid": grid, "quick": bool(args.quick),
-                                              "data": split.description})
-    log(f"structure: {split.description}; {model_cfg['architecture']} β-VAEs with block-diagonal "
+                                              "data": data.description})
+    log(f"structure: {data.description}; {model_cfg['architecture']} β-VAEs with block-diagonal "
         f"posteriors, {model_cfg['train_steps']} steps each; {len(test)} held-out points → {args.out}")
     shown = {}
     for i, (beta, d, b) in enumerate(models, 1):
         key = f"beta={beta:g}/d={d}/b={b}"
         model, fitted = common.trained_autoencoder(
-            "beta-vae", split, model_cfg, out=args.out, name=f"structure-beta{beta:g}-d{d}-b{b}",
+            "beta-vae", model_cfg, data.shape, out=args.out, name=f"structure-beta{beta:g}-d{d}-b{b}",
             device=args.device, latent_dim=d, beta=beta, block_size=b)
         m = measure(model.cpu().double(), test, b)       # cheap; recomputed for the figure
         shown[key] = (m["precision"][: base["shown_points"]], m["gram"][: base["shown_points"]])
