@@ -11,6 +11,7 @@ J and w leave in the input's dtype, so they meet that dtype's RTOL (its rounding
 """
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 pytest.importorskip("triton")
 
@@ -142,6 +143,13 @@ def test_logdet_default_schedule_unweighted(d, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 def test_logdet_register_schedules_large_d(schedule, d):
     check(logdet, *inputs(1, 40, d, weighted=True, seed=d), grads=False)
+
+
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(1, 3), D=st.integers(1, 80), d=st.integers(1, 20), block_size=st.integers(1, 20),
+       weighted=st.booleans())
+def test_fischer_random_shapes(B, D, d, block_size, weighted):
+    check(fischer(block_size), *inputs(B, D, d, weighted=weighted, seed=B * D * d), grads=False)
 
 
 def test_logdet_matches_slogdet():

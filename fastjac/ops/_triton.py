@@ -13,6 +13,7 @@ Importing this module imports triton; without it the ImportError is what
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -59,7 +60,12 @@ def programs(device: torch.device) -> int:
     """How many programs fill the device (two per SM)."""
     if device.type != "cuda":
         return _PROGRAMS_CPU
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def dot_mode(dtype: torch.dtype, weighted: bool) -> tuple[bool, str]:
