@@ -144,18 +144,50 @@ def run(sizes, device, reps, out=print):
                         with schedule(sched):
                             fwd = measure(lambda: fn(J.detach()))
                             both = measure(lambda: fn(J).sum().backward(), grad_to_none=[J])
+                            peak = peak_bytes(lambda: fn(J).sum().backward(), J, device)
                         if impl in ("user", "bmm+cholesky"):
                             user[op] = (fwd, both)
                         base = user.get(op, (float("nan"), float("nan")))
                         row = dict(op=op, dtype=dtype_name, B=B, D=D, d=d, impl=impl, fwd_ms=fwd,
                                    fwd_bwd_ms=both, floor_fwd_ms=floor_fwd, floor_fwd_bwd_ms=floor_bwd,
-                                   speedup_fwd=base[0] / fwd, speedup_fwd_bwd=base[1] / both)
+                                   speedup_fwd=base[0] / fwd, speedup_fwd_bwd=base[1] / both,
+                                   peak_fwd_bwd_bytes=peak, bytes_J=bytes_J,
+                                   schedule=(sched or logdet_triton.path(B, D, d, device))
+                                   if op == "logdet" and impl.startswith("triton") else None)
                         rows.append(row)
                         out(f"{op:13s} {dtype_name:8s} {B:4d} {D:6d} {d:4d} {impl:16s} {fwd:9.4f} {floor_fwd:8.4f} "
                             f"{fwd / floor_fwd:7.1f} {both:9.4f} {floor_bwd:8.4f} {both / floor_bwd:7.1f} "
                             f"{row['speedup_fwd']:5.2f}/{row['speedup_fwd_bwd']:5.2f}x")
                     del J
     return bandwidth, rows
+
+
+def peak_bytes(fn, J, device):
+    """Peak device memory above what was allocated before one call (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    J.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    J.grad = None
+    return torch.cuda.max_memory_allocated() - before
+
+
+def targets(rows, out=print):
+    """The issue's targets, per (dtype, B, D, d): default Triton logdet ≥ 3× faster than
+    bmm+cholesky (forward and forward+backward), and within 2× of the floor at D = 12288."""
+    out("targets (logdet, default triton schedule): speedup vs bmm+cholesky fwd / fwd+bwd, x floor fwd / fwd+bwd")
+    for r in rows:
+        if r["op"] == "logdet" and r["impl"] == "triton":
+            fast = r["speedup_fwd"] >= 3 and r["speedup_fwd_bwd"] >= 3
+            near = r["D"] != 12288 or (r["fwd_ms"] <= 2 * r["floor_fwd_ms"] and r["fwd_bwd_ms"] <= 2 * r["floor_fwd_bwd_ms"])
+            out(f"  {r['dtype']:8s} B={r['B']:<4d} D={r['D']:<6d} d={r['d']:<4d} {r['schedule']:9s} "
+                f"{r['speedup_fwd']:5.2f}x / {r['speedup_fwd_bwd']:5.2f}x   "
+                f"{r['fwd_ms'] / r['floor_fwd_ms']:5.1f} / {r['fwd_bwd_ms'] / r['floor_fwd_bwd_ms']:5.1f}   "
+                f"{'ok' if fast and near else 'MISSED'}")
 
 
 def device_name(device):
@@ -179,6 +211,7 @@ def main(argv=None) -> int:
                   tf32=torch.backends.cuda.matmul.allow_tf32)
     print(" ".join(f"{k}={v}" for k, v in header.items()))
     bandwidth, rows = run(TINY if args.tiny else FULL, device, reps)
+    targets(rows)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         tmp = args.json + ".tmp"
