@@ -162,14 +162,15 @@ class _Progress:
         self.tty = sys.stderr.isatty()
         self._last = 0.0
 
-    def update(self, step: int, loss: float, seconds: float, logged: bool) -> None:
+    def update(self, step: int, loss: Optional[float], seconds: Optional[float], logged: bool) -> None:
         if not self.enabled or not (logged or (self.tty and time.monotonic() - self._last > 0.2)):
             return
         self._last = time.monotonic()
         done = int(20 * step / self.total)
-        eta = seconds * (self.total - step)
-        line = (f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total}  loss {loss:.4g}  "
-                f"{seconds:.4f} s/step  eta {int(eta // 60)}:{int(eta % 60):02d}")
+        line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total}"
+        if loss is not None:  # known from the first log step on
+            eta = seconds * (self.total - step)
+            line += f"  loss {loss:.4g}  {seconds:.4f} s/step  eta {int(eta // 60)}:{int(eta % 60):02d}"
         sys.stderr.write(("\r" + line) if self.tty else line + "\n")
         if self.tty and step == self.total:
             sys.stderr.write("\n")
@@ -192,7 +193,7 @@ def _truncate_log(out: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(model, x: torch.Tensor, cfg: TrainConfig, out: Path, step: int) -> dict:
+def evaluate(model, x: torch.Tensor, cfg: TrainConfig, out: Path) -> dict:
     """Held-out β-VAE (± s.e.), Taylor and GRAE values, and the PNG grid (rank 0)."""
     was_training = model.training
     model.eval()
@@ -252,10 +253,12 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_step) -> dict:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    held_out = data.test.batch(torch.arange(min(cfg.eval_size, len(data.test)))).to(ctx.device)
+    held_out = data.test.batch(torch.arange(min(cfg.eval_size, len(data.test)))).to(ctx.device) \
+        if ctx.is_main else None
     options = {"num_samples": cfg.num_samples} if cfg.model == "beta-vae" else {}
     progress = _Progress(cfg.steps, cfg.progress and ctx.is_main)
     sums, count, window, window_steps, step_times, last_eval = {}, 0, 0.0, 0, [], None
+    shown_loss, shown_seconds = None, None  # what the progress line shows between logs
     model.train()
     while step < cfg.steps:
         started = time.perf_counter()
@@ -280,14 +283,14 @@ def _train(cfg: TrainConfig, ctx: distributed.Context, on_step) -> dict:
             keys = sorted(sums)
             totals = ctx.sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=ctx.device)]))
             means = {k: float(v) / float(totals[-1]) for k, v in zip(keys, totals[:-1])}
-            seconds = window / window_steps
+            shown_loss, shown_seconds = means["loss"], window / window_steps
             if ctx.is_main:
-                _log(out, {"step": step, "train": means, "seconds_per_step": seconds})
-            progress.update(step, means["loss"], seconds, logged=True)
+                _log(out, {"step": step, "train": means, "seconds_per_step": shown_seconds})
             sums, count, window, window_steps = {}, 0, 0.0, 0
+        progress.update(step, shown_loss, shown_seconds, logged)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             if ctx.is_main:
-                last_eval = evaluate(model, held_out, cfg, out, step)
+                last_eval = evaluate(model, held_out, cfg, out)
                 _log(out, {"step": step, "eval": last_eval})
             ctx.barrier()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
