@@ -43,22 +43,28 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("model", ["grae", "beta-vae"])
-def test_run_killed_after_a_checkpoint_and_resumed_ends_like_an_uninterrupted_run(tmp_path, model):
-    train(_config(tmp_path / "whole", model=model, block_size=2, log_every=3))
+@pytest.mark.parametrize("model,dataset", [("grae", "digits"), ("beta-vae", "digits"), ("grae", "mnist")])
+def test_run_killed_after_a_checkpoint_and_resumed_ends_like_an_uninterrupted_run(tmp_path, model, dataset):
+    # mnist: the App. D conv nets (tiny width) on synthetic IDX images, BatchNorm buffers included
+    _idx(tmp_path / "t10k-images-idx3-ubyte", np.random.default_rng(0).integers(0, 256, (64, 28, 28)))
+    options = dict(model=model, dataset=dataset, data_dir=str(tmp_path), block_size=2, log_every=3,
+                   width=0.125 if dataset == "digits" else 1 / 32)
+    train(_config(tmp_path / "whole", **options))
 
     def kill(step, _):
         if step == 4:  # one step past the checkpoint of step 3: its work is lost
             raise Killed
 
     with pytest.raises(Killed):
-        train(_config(tmp_path / "parts", model=model, block_size=2, log_every=3), on_step=kill)
+        train(_config(tmp_path / "parts", **options), on_step=kill)
     assert load_checkpoint(tmp_path / "parts" / CHECKPOINT)["step"] == 3
-    train(_config(tmp_path / "parts", model=model, block_size=2, log_every=3, resume=True))
+    train(_config(tmp_path / "parts", resume=True, **options))
     whole, parts = _parameters(tmp_path / "whole"), _parameters(tmp_path / "parts")
     assert whole.keys() == parts.keys()
     for k in whole:
         assert torch.equal(whole[k], parts[k]), k
+    if dataset == "mnist":  # the decoder's running statistics were updated (and resumed) too
+        assert any(k.startswith("decoder") and k.endswith("running_mean") and bool(whole[k].any()) for k in whole)
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("whole", "parts")]
     assert [e["step"] for e in logs[0]] == [e["step"] for e in logs[1]]  # no duplicated steps
