@@ -1,7 +1,6 @@
 """fastjac.models: posterior families against torch.distributions, the optimal-posterior
 identity Taylor = GRAE, the Taylor − GRAE gap formula, the App. D shapes, and the thin
 models against the functional objectives they wrap."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch.distributions import MultivariateNormal
 
 import fastjac
 from fastjac.models import (GRAE, BetaVAE, ConvDecoder, ConvEncoder, GaussianPosterior, Linear2DDecoder,
-                            LinearGaussianEncoder, MLPDecoder, MLPEncoder, Posterior, block_mask,
+                            LinearGaussianEncoder, MLPDecoder, MLPEncoder, block_mask,
                             make_autoencoder, random_rotation)
 from tests.utils import assert_close
 

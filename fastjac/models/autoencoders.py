@@ -12,7 +12,7 @@ a Jacobian is taken, so every Jacobian is per sample.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn

@@ -22,7 +22,7 @@ import math
 from typing import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .. import _validation as check
 
