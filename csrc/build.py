@@ -116,3 +116,25 @@ class BuildExtension(build_ext):
         ext.extra_objects = [obj]
         ext.library_dirs = _cuda_library_dirs(nvcc)
         ext.libraries = ["cudart_static", "rt", "pthread", "dl"]  # static: importable without a driver
+
+
+def check_cuda_sources() -> int:
+    """Compile the CUDA sources to a throw-away object (a compile error is an error even where
+    no GPU exists); 0 on success. ``python csrc/build.py --check-cuda``."""
+    import tempfile
+
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("nvcc not found: the CUDA sources were not compile-checked", file=sys.stderr)
+        return 0 if _switch("FASTJAC_CUDA") is not True else 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        command = nvcc_command(nvcc, os.path.join(root, CUDA_SOURCE), os.path.join(tmp, "kernels.o"))
+        print(" ".join(command))
+        return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--check-cuda"]:
+        sys.exit("usage: python csrc/build.py --check-cuda")
+    sys.exit(check_cuda_sources())

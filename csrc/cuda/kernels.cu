@@ -106,16 +106,16 @@ __global__ void inverse_kernel(int d, int bs, const T* L, T* out, T* trace) {
   }
 }
 
-// grid (row chunks, B): Γ_b in shared memory, one lane per row r of J.
+// grid (B, row chunks): Γ_b in shared memory, one lane per row r of J.
 template <class T>
 __global__ void gram_pass_kernel(Problem p, const T* gamma, const T* scale, T* grad_J, T* grad_w) {
   extern __shared__ unsigned char smem[];
   const int d = p.d;
   T* g = reinterpret_cast<T*>(smem);
-  const int64_t b = blockIdx.y;
+  const int64_t b = blockIdx.x;
   for (int64_t e = threadIdx.x; e < int64_t(d) * d; e += blockDim.x) g[e] = gamma[b * d * d + e];
   __syncthreads();
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t r = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (r >= p.D) return;
   const T* row = p.J.at<T>() + b * p.J.s0 + r * p.J.s1;
   const T s = scale ? scale[b] : T(1);
@@ -160,7 +160,7 @@ void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* g
   DeviceGuard guard(device);
   const size_t bytes = sizeof(T) * size_t(p.d) * p.d;
   reserve_shared(gram_pass_kernel<T>, bytes, device);
-  const dim3 grid(unsigned((p.D + kThreads - 1) / kThreads), unsigned(p.B));
+  const dim3 grid(unsigned(p.B), unsigned((p.D + kThreads - 1) / kThreads));
   gram_pass_kernel<T><<<grid, kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(p, gamma, scale, grad_J, grad_w);
   check(cudaGetLastError(), "gram_pass_kernel launch");
 }

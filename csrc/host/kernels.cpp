@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <thread>
 #include <vector>
 
@@ -29,8 +30,8 @@ void parallel_for(int64_t n, int threads, F body) {
 // out[t][c] = Σ_k wt_k · a[t·ats + k·aks] · b[k·bks + c] for t < R, c < C (wt null means 1).
 // The R·C accumulators are explicit vectors (GCC/Clang vector extensions; lowered to whatever
 // width the target has), so they stay in registers and the k loop is never vectorised itself.
-template <int R, int C, bool Weighted, class T>
-inline void tile(int64_t K, const T* a, int64_t ats, int64_t aks, const T* wt, int64_t ws,
+template <int R, int C, bool Weighted, class T, class Stride>
+inline void tile(int64_t K, const T* a, int64_t ats, Stride aks, const T* wt, int64_t ws,
                  const T* b, int64_t bks, T* out, int64_t ots) {
   constexpr int W = C < 64 / int(sizeof(T)) ? C : 64 / int(sizeof(T));  // lanes per vector
   constexpr int N = C / W;                                                // vectors per row
@@ -53,8 +54,8 @@ inline void tile(int64_t K, const T* a, int64_t ats, int64_t aks, const T* wt, i
 }
 
 // The columns [0, n) of an R-row block, in tiles of two vectors, one vector, then halves.
-template <int R, bool Weighted, class T>
-inline void tile_columns(int64_t K, const T* a, int64_t ats, int64_t aks, const T* wt, int64_t ws,
+template <int R, bool Weighted, class T, class Stride>
+inline void tile_columns(int64_t K, const T* a, int64_t ats, Stride aks, const T* wt, int64_t ws,
                      const T* b, int64_t bks, int n, T* out, int64_t ots) {
   constexpr int V = 64 / sizeof(T);  // one 512-bit vector
   int c = 0;
@@ -72,6 +73,8 @@ inline void tile_row(int64_t K, const T* a, int64_t ats, int64_t aks, const T* w
                      const T* b, int64_t bks, int n, T* out, int64_t ots) {
   if (wt)
     tile_columns<R, true>(K, a, ats, aks, wt, ws, b, bks, n, out, ots);
+  else if (aks == 1)  // rows of J along k (the backward's J Γ): constant stride, simpler addressing
+    tile_columns<R, false>(K, a, ats, std::integral_constant<int64_t, 1>{}, wt, ws, b, bks, n, out, ots);
   else
     tile_columns<R, false>(K, a, ats, aks, wt, ws, b, bks, n, out, ots);
 }
@@ -152,8 +155,9 @@ void inverse(int64_t B, int d, int bs, const T* L, T* out, T* trace, int threads
 template <class T>
 void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* grad_w, int threads) {
   const int d = p.d;
+  const bool unit = p.J.s2 == 1;
   parallel_for(p.B, threads, [&](int64_t b0, int64_t b1) {
-    std::vector<T> jg(size_t(kRows) * d);  // kRows rows of J Γ
+    std::vector<T> scratch(grad_J ? 0 : size_t(kRows) * d);  // J Γ rows when grad_J is not wanted
     for (int64_t b = b0; b < b1; ++b) {
       const T* J = p.J.at<T>() + b * p.J.s0;
       const T* w = p.w.ptr ? p.w.at<T>() + b * p.w.s0 : nullptr;
@@ -162,24 +166,30 @@ void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* g
       for (int64_t r0 = 0; r0 < p.D; r0 += kRows) {
         const int rows = int(std::min<int64_t>(kRows, p.D - r0));
         const T* Jr = J + r0 * p.J.s1;
+        T* out = grad_J ? grad_J + (b * p.D + r0) * d : scratch.data();  // J Γ first, scaled below
         if (rows == kRows)
-          tile_row<kRows>(d, Jr, p.J.s1, p.J.s2, (const T*)nullptr, 0, G, d, d, jg.data(), d);
+          tile_row<kRows>(d, Jr, p.J.s1, p.J.s2, (const T*)nullptr, 0, G, d, d, out, d);
         else
           for (int t = 0; t < rows; ++t)
-            tile_row<1>(d, Jr + t * p.J.s1, 0, p.J.s2, (const T*)nullptr, 0, G, d, d, jg.data() + t * d, d);
+            tile_row<1>(d, Jr + t * p.J.s1, 0, p.J.s2, (const T*)nullptr, 0, G, d, d, out + t * d, d);
         for (int t = 0; t < rows; ++t) {
           const int64_t r = r0 + t;
-          const T* row = jg.data() + t * d;
+          T* row = out + t * d;
+          if (grad_w) {  // J_r Γ J_rᵀ s, before row is scaled
+            const T* jrow = Jr + t * p.J.s1;
+            T acc = T(0);
+            if (unit) {
+              FASTJAC_SIMD_SUM(acc)
+              for (int c = 0; c < d; ++c) acc += row[c] * jrow[c];
+            } else {
+              for (int c = 0; c < d; ++c) acc += row[c] * jrow[c * p.J.s2];
+            }
+            grad_w[b * p.D + r] = s * acc;
+          }
           if (grad_J) {
             const T f = T(2) * s * (w ? w[r * p.w.s1] : T(1));
-            T* g = grad_J + (b * p.D + r) * d;
-            for (int c = 0; c < d; ++c) g[c] = f * row[c];
-          }
-          if (grad_w) {
-            const T* jrow = J + r * p.J.s1;
-            T acc = T(0);
-            for (int c = 0; c < d; ++c) acc += row[c] * jrow[c * p.J.s2];
-            grad_w[b * p.D + r] = s * acc;
+#pragma omp simd
+            for (int c = 0; c < d; ++c) row[c] *= f;
           }
         }
       }
