@@ -32,15 +32,19 @@ training steps against a plain autoencoder step. On a GPU it also prints each op
 
 ```bash
 fastjac bench                                   # CPU; --device cuda on a GPU; --quick for a smoke run
-fastjac bench --json benchmarks/results/<machine>.json && python benchmarks/render_results.py
-cd benchmarks && asv run --python=same --quick  # the asv suite (benchmarks/benchmarks/bench_*.py)
+fastjac bench --threads 1 --json benchmarks/results/<machine>.json && python benchmarks/render_results.py
+cd benchmarks && asv check --python=same        # the asv suite (benchmarks/benchmarks/bench_*.py) imports
+asv run --python=same --quick                   # every combination once (add --bench REGEX to pick)
 ```
 
 The asv suite takes the implementation (`naive`, `torch`, `triton`, `cpp`, `cuda`, `vmap(jacfwd)`,
 `functional.jacobian`) as a parameter so rivals run side by side; combinations this machine cannot
-run are skipped. `asv run --python=same` benchmarks the fastjac importable here (or this checkout);
-`asv continuous main HEAD` compares commits. The MNIST model is the App. D architecture with every
-channel count scaled by `width`; decoder BatchNorm runs in eval mode for every rival.
+run are skipped (n/a). asv starts a fresh process for every combination, so `--bench` keeps a
+run short. `asv run --python=same` benchmarks the fastjac importable here (or this checkout);
+`asv continuous main HEAD` compares commits. Models: `mlp` (two hidden layers of 256),
+`mlp_fused` (the same decoder as `fastjac.nn.TangentMLP`), and the App. D `mnist`/`celeba`
+networks of `fastjac.models` with every channel count scaled by `width`; decoder BatchNorm runs
+in eval mode for every rival. On a shared machine `--threads 1` gives steadier ratios.
 """
 
 

@@ -2,6 +2,10 @@
 from fastjac.bench import suites
 from fastjac.bench import workloads as W
 
+from . import DEVICES
+
+MODELS = list(dict.fromkeys([*suites.CPU.models, *(suites.CUDA.models if "cuda" in DEVICES else ())]))
+
 
 def sizes(model, device, implementation):
     table = (suites.CUDA if device == "cuda" else suites.CPU).models
@@ -15,7 +19,7 @@ def sizes(model, device, implementation):
 
 
 class JacobianColumns:
-    params = (["mlp", "mlp_fused", "mnist", "celeba"], list(W.JACOBIAN_IMPLEMENTATIONS), ["1", "all"], ["cpu", "cuda"])
+    params = (MODELS, list(W.JACOBIAN_IMPLEMENTATIONS), ["1", "all"], DEVICES)
     param_names = ["model", "implementation", "columns", "device"]
 
     def setup(self, model, implementation, columns, device):

@@ -1,19 +1,25 @@
 """Operators on J: forward + backward of logdet_gram, the column estimators and orthogonality."""
+import torch
+
 from fastjac.bench import suites, timing
 from fastjac.bench import workloads as W
 
-SHAPES = {"64x784x16": (64, 784, 16), "64x12288x128": (64, 12288, 128)}
+from . import DEVICES
+
+SHAPES = {f"{B}x{D}x{d}": (B, D, d) for B, D, d in
+          suites.CPU.operator_shapes + (suites.CUDA.operator_shapes if "cuda" in DEVICES else ())}
 
 
 def _shape(device, shape):
     B, D, d = SHAPES[shape]
-    if device == "cpu" and (B, D, d) not in suites.CPU.operator_shapes:
-        raise NotImplementedError(f"shape {shape} is benchmarked on GPUs only")
+    table = suites.CUDA if device == "cuda" else suites.CPU
+    if (B, D, d) not in table.operator_shapes:
+        raise NotImplementedError(f"shape {shape} is not benchmarked on {device}")
     return dict(B=B, D=D, d=d)
 
 
 class Operators:
-    params = (list(W.OPERATORS), list(W.OPERATOR_IMPLEMENTATIONS), ["cpu", "cuda"], list(SHAPES))
+    params = (list(W.OPERATORS), list(W.OPERATOR_IMPLEMENTATIONS), DEVICES, list(SHAPES))
     param_names = ["operator", "implementation", "device", "shape"]
 
     def setup(self, op, implementation, device, shape):
@@ -26,32 +32,30 @@ class Operators:
         self.work.run()
 
 
-class OperatorsOnCard:
-    """GPU memory, achieved bandwidth and the fraction of the measured floor reached."""
-    params = (list(W.OPERATORS), list(W.OPERATOR_IMPLEMENTATIONS), list(SHAPES))
-    param_names = ["operator", "implementation", "shape"]
+if torch.cuda.is_available():
+    class OperatorsOnCard:
+        """GPU memory, achieved bandwidth and the fraction of the measured floor reached."""
+        params = (list(W.OPERATORS), list(W.OPERATOR_IMPLEMENTATIONS), list(SHAPES))
+        param_names = ["operator", "implementation", "shape"]
 
-    def setup_cache(self):
-        import torch
-        return timing.measure_peaks(torch.device("cuda")) if torch.cuda.is_available() else None
+        def setup_cache(self):
+            return timing.measure_peaks(torch.device("cuda"))
 
-    def setup(self, peaks, op, implementation, shape):
-        self.work = W.operator(op, implementation, device="cuda", **_shape("cuda", shape))
-        self.seconds = timing.median(timing.interleaved({"op": self.work.run}, repeats=10)["op"])
-        self.peaks = peaks
+        def setup(self, peaks, op, implementation, shape):
+            self.work = W.operator(op, implementation, device="cuda", **_shape("cuda", shape))
+            self.seconds = timing.median(timing.interleaved({"op": self.work.run}, repeats=10)["op"])
 
-    def track_peak_memory(self, peaks, *params):
-        import torch
-        torch.cuda.reset_peak_memory_stats()
-        self.work.run()
-        return torch.cuda.max_memory_allocated()
-    track_peak_memory.unit = "bytes"
+        def track_peak_memory(self, peaks, *params):
+            torch.cuda.reset_peak_memory_stats()
+            self.work.run()
+            return torch.cuda.max_memory_allocated()
+        track_peak_memory.unit = "bytes"
 
-    def track_bandwidth(self, peaks, *params):
-        return self.work.bytes / self.seconds / 1e9
-    track_bandwidth.unit = "GB/s"
+        def track_bandwidth(self, peaks, *params):
+            return self.work.bytes / self.seconds / 1e9
+        track_bandwidth.unit = "GB/s"
 
-    def track_fraction_of_floor(self, peaks, *params):
-        floor = max(self.work.bytes / peaks.bandwidth, self.work.flops / peaks.flops)
-        return floor / self.seconds
-    track_fraction_of_floor.unit = "fraction"
+        def track_fraction_of_floor(self, peaks, *params):
+            floor = max(self.work.bytes / peaks.bandwidth, self.work.flops / peaks.flops)
+            return floor / self.seconds
+        track_fraction_of_floor.unit = "fraction"
