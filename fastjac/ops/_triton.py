@@ -29,15 +29,16 @@ TILE_ELEMENTS = 4096    # rows × columns of J loaded per step: enough bytes in 
 _PROGRAMS_CPU = 4       # "SM count" under the interpreter: small, so splitting is exercised
 
 
-def unsupported(*, device_type: str, dtype: torch.dtype, d: int, **_sizes) -> Optional[str]:
-    """None when the Triton kernels can run on this input (d: columns of J), else why not.
-    The signature is ``Implementation.supports``."""
+def unsupported(*, device_type: str, dtype: torch.dtype, d: int, max_d: int = MAX_COLUMNS,
+                **_sizes) -> Optional[str]:
+    """None when the Triton kernels can run on this input (d: columns of J, at most ``max_d``),
+    else why not. With ``max_d`` bound (functools.partial) it is an ``Implementation.supports``."""
     if device_type != "cuda" and not (device_type == "cpu" and INTERPRETED):
         return f"triton runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1); got {device_type}"
     if dtype not in DTYPES:
         return f"triton kernels take float32, float16 or bfloat16; {dtype} runs on the torch backend"
-    if not 1 <= d <= MAX_COLUMNS:
-        return f"triton kernels support 1 <= d <= {MAX_COLUMNS} columns; got {d}"
+    if not 1 <= d <= max_d:
+        return f"triton kernels support 1 <= d <= {max_d} columns here; got {d}"
     return None
 
 

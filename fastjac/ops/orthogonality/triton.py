@@ -7,6 +7,7 @@ program per sample then forms cos² over the off-block pairs (forward) or
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -69,4 +70,8 @@ def backward(J, w, block_size, eps, grad, needs_input_grad=(True, True)):
     return _triton.apply_gamma(J, w, gamma, needs_input_grad[0], needs_input_grad[1])
 
 
-_dispatch.register(OP, "triton", _dispatch.Implementation(forward, backward, _triton.unsupported))
+# One program holds the whole (k, k) cos² tile: beyond 128 columns it spills and takes minutes
+# to compile, so larger k stays on the reference.
+MAX_COLUMNS = 128
+_dispatch.register(OP, "triton", _dispatch.Implementation(
+    forward, backward, functools.partial(_triton.unsupported, max_d=MAX_COLUMNS)))
