@@ -38,7 +38,9 @@ def unwrapped(decoder: Callable) -> Callable:
     """``decoder`` without DDP/DataParallel/torch.compile wrappers (also inside a functools.partial)."""
     if isinstance(decoder, functools.partial):
         inner = unwrapped(decoder.func)
-        return decoder if inner is decoder.func else functools.partial(inner, *decoder.args, **decoder.keywords)
+        if inner is decoder.func:
+            return decoder
+        return functools.partial(inner, *decoder.args, **decoder.keywords)
     while True:
         if isinstance(decoder, (DataParallel, DistributedDataParallel)):
             decoder = decoder.module

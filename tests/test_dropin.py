@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastjac
-from decoders import brute_jacobian
 from fastjac import grae_loss, jacobian_columns, jacobian_regularizer
 from fastjac.nn import JacobianRegularizer
 from utils import RTOL, assert_close, mlp_decoder
@@ -161,7 +160,8 @@ def test_output_selector(container, estimator):
 
 
 @pytest.mark.parametrize("returns, output, error, message", [
-    (lambda g: {"recon": g, "mu": g}, None, TypeError, r"returned a dict \(keys \['recon', 'mu'\]\), not a Tensor"),
+    (lambda g: {"recon": g, "mu": g}, None, TypeError,
+     r"returned a dict \(keys \['recon', 'mu'\]\), not a Tensor"),
     (lambda g: (g, g), None, TypeError, r"returned a tuple \(2 items\).*pass output="),
     (lambda g: {"recon": g}, "reconstruction", ValueError, r"output='reconstruction' selects nothing in the "
                                                             r"decoder's dict output \(keys \['recon'\]\)"),
