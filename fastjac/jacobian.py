@@ -260,7 +260,8 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
     tangents = column_directions(columns, directions, B, d, z).permute(2, 0, 1)  # (k, B, d)
     k = tangents.shape[0]
     step = k if chunk_size is None else min(chunk_size, k)
-    push, replay = _pusher(decoder, output), random_state(z.device)
+    push = _pusher(decoder, output)
+    replay = random_state(z.device) if step < k else None  # only chunks replay (and it breaks compile)
     out, pieces = None, []
     for start in range(0, k, step):
         if start:

@@ -47,16 +47,10 @@ def _samples(backend):
             yield "triton_orthogonality_cosines", (C, torch.randn(2, generator=g).to(DEVICE), 2, 1e-8)
 
 
-# The reference returns cholesky_ex's L and cholesky_inverse's Σ as they come, column-major,
-# while register_fake promises contiguous outputs (test_faketensor compares strides).
-STRIDES = pytest.mark.xfail(strict=True, reason="reference L / Σ are column-major; register_fake says contiguous")
-
-
 def _cases():
     for backend in _backends():
         for name in sorted({name for name, _ in _samples(backend)}):
-            known = backend == "torch" and name in ("logdet_gram", "posterior_covariance")
-            yield pytest.param(backend, name, marks=[STRIDES] if known else [], id=f"{backend}-{name}")
+            yield pytest.param(backend, name, id=f"{backend}-{name}")
 
 
 @pytest.mark.parametrize("backend,name", _cases())
@@ -66,13 +60,6 @@ def test_opcheck(backend, name):
             torch.library.opcheck(getattr(torch.ops.fastjac, name).default, args)
 
 
-# jacobian.random_state (chunk replay of dropout masks) calls torch.get_rng_state, which dynamo
-# refuses to trace: a graph break in every grae_loss. Strict, so the fix shows as XPASS.
-GRAPH_BREAK = pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                                reason="torch.get_rng_state in fastjac.jacobian.random_state breaks the graph")
-
-
-@GRAPH_BREAK
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("estimator", ["exact", "stochastic"])
 def test_grae_loss_compiles_without_graph_breaks(estimator, backend):

@@ -238,3 +238,15 @@ def test_ill_conditioned_float32_raises_instead_of_nan():
     J[0, :, 1] *= 1.0000001
     with pytest.raises(ValueError, match="positive definite"):
         fastjac.logdet_gram(J, 1e-6)
+
+
+def test_operators_accumulate_in_float32_under_autocast():
+    """Custom ops see the caller's autocast; the Gram must not be cast down to bf16 by it."""
+    J = random_J(2, 500, 6, scale=0.2).float()
+    ref = fastjac.logdet_gram(J.double(), 0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastjac.logdet_gram(J, 0.3)
+        ortho = fastjac.orthogonality_penalty(J)
+    assert out.dtype == torch.float32 and ortho.dtype == torch.float32
+    assert_close("autocast logdet", ref, out.double(), rtol=1e-5)
+    assert_close("autocast orthogonality", fastjac.orthogonality_penalty(J.double()), ortho.double(), rtol=1e-4)

@@ -8,6 +8,8 @@ cannot run raises an error that says why.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -36,10 +38,27 @@ _IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {}
 _UNAVAILABLE: dict[str, str] = {}
 
 
+def _without_autocast(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast off: custom ops see the caller's autocast, which would cast the
+    Gram matmuls down to bf16/fp16; every backend accumulates in float32 itself."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        enabled = [dev for dev in ("cpu", "cuda") if torch.is_autocast_enabled(dev)]
+        if not enabled:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for dev in enabled:
+                stack.enter_context(torch.autocast(dev, enabled=False))
+            return fn(*args, **kwargs)
+    return run
+
+
 def register(op: str, backend: str, implementation: Implementation) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
-    _IMPLEMENTATIONS.setdefault(op, {})[backend] = implementation
+    _IMPLEMENTATIONS.setdefault(op, {})[backend] = Implementation(
+        _without_autocast(implementation.forward), _without_autocast(implementation.backward),
+        implementation.supports)
 
 
 def mark_unavailable(backend: str, reason: str) -> None:

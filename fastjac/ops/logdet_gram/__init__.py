@@ -30,7 +30,7 @@ _dispatch.register(COVARIANCE_OP, "torch", _dispatch.Implementation(
 def _logdet_gram_op(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int,
                     backend: str) -> tuple[Tensor, Tensor]:
     logdet, L = _dispatch.implementation(OP, backend).forward(J, w, beta, block_size)
-    return logdet, L
+    return logdet, L.contiguous()  # cholesky_ex gives column-major factors; the fake says contiguous
 
 
 @_logdet_gram_op.register_fake
@@ -63,7 +63,7 @@ _logdet_gram_op.register_autograd(_logdet_backward, setup_context=_logdet_setup)
 
 @torch.library.custom_op("fastjac::posterior_covariance", mutates_args=())
 def _posterior_covariance_op(J: Tensor, w: Optional[Tensor], beta: Tensor, backend: str) -> Tensor:
-    return _dispatch.implementation(COVARIANCE_OP, backend).forward(J, w, beta)
+    return _dispatch.implementation(COVARIANCE_OP, backend).forward(J, w, beta).contiguous()
 
 
 @_posterior_covariance_op.register_fake
