@@ -6,8 +6,6 @@ times a signed permutation of M's axes; signed permutations are rotations by mul
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -42,8 +40,7 @@ def rotation_angle(O: Tensor) -> Tensor:
         (...,) angles in degrees.
 
     Example:
-        >>> t = math.radians(30.0)
-        >>> R = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
+        >>> R = rotation(torch.deg2rad(torch.tensor(30.0)))
         >>> round(float(rotation_angle(R @ torch.tensor([[0., 1.], [1., 0.]]))), 4)
         30.0
     """
