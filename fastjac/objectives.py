@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _validation as check
 from . import observations
+from .chunked import recomputed_columns
 from .jacobian import Selector, jacobian_columns, select_output
 from .regularizer import Settings, Terms, observation_weights, reduce, regularizer_terms
 
@@ -167,7 +168,6 @@ def taylor_beta_vae_loss(decoder: Callable, mu: Tensor, scale_tril: Tensor, x: T
     if chunk_size is None:
         out, JC = jacobian_columns(decoder, mu, directions=scale_tril, output=output)
     else:
-        from .chunked import recomputed_columns
         out, JC = recomputed_columns(decoder, mu, directions=scale_tril, chunk_size=chunk_size, output=output)
     if x.numel() != out.numel():
         raise ValueError(f"x has shape {tuple(x.shape)} but the decoder returned {tuple(out.shape)}")

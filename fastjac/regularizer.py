@@ -17,6 +17,7 @@ from torch import Tensor
 from . import _validation as check
 from . import observations
 from ._decoders import estimator_precision
+from .chunked import recomputed_columns
 from .jacobian import Selector, jacobian_columns
 from .ops._gram import accumulation_dtype
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
@@ -91,7 +92,6 @@ def _full_jacobian(decoder, z, obs, x, s: Settings):
     if s.chunk_size is None:
         out, J = jacobian_columns(decoder, z, output=s.output)
     else:  # memory-bounded: chunks' tangent graphs are recomputed in backward (fastjac.chunked)
-        from .chunked import recomputed_columns
         out, J = recomputed_columns(decoder, z, chunk_size=s.chunk_size, output=s.output)
     return out, J, observation_weights(obs, out, x)
 

@@ -2,6 +2,7 @@
 from .column_estimate import column_estimate, hadamard_bound
 from .logdet_gram import fischer_bound, logdet_gram, optimal_posterior_covariance
 from .orthogonality import orthogonality_penalty
+from .tangent_linear import tangent_linear
 
 __all__ = ["logdet_gram", "fischer_bound", "optimal_posterior_covariance", "hadamard_bound",
-           "column_estimate", "orthogonality_penalty"]
+           "column_estimate", "orthogonality_penalty", "tangent_linear"]
