@@ -15,10 +15,16 @@ namespace fastjac {
 namespace host {
 namespace {
 
-// Runs body(begin, end) over [0, n) split into `threads` contiguous chunks.
+// Multiply-adds worth a thread of its own: below this a started thread costs more than it saves
+// (on a loaded machine a new thread can wait milliseconds for a core).
+constexpr double kGrain = 4e6;
+
+// Runs body(begin, end) over [0, n) split into at most `threads` contiguous chunks, fewer when
+// the items (`cost` multiply-adds each) are too little work to share.
 template <class F>
-void parallel_for(int64_t n, int threads, F body) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+void parallel_for(int64_t n, double cost, int threads, F body) {
+  const int64_t by_work = int64_t(double(n) * cost / kGrain);
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>({int64_t(threads), n, by_work}));
   if (workers == 1) return body(int64_t(0), n);
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < workers; ++t)
@@ -103,7 +109,8 @@ int64_t factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int thr
   const int d = p.d;
   const T inv_beta = T(1) / *beta;
   std::atomic<int64_t> failed{std::numeric_limits<int64_t>::max()};
-  parallel_for(p.B, threads, [&](int64_t b0, int64_t b1) {
+  const double cost = p.J.ptr ? double(p.D) * d * d / 2 + double(d) * d * d / 3 : double(d) * d * d / 3;
+  parallel_for(p.B, cost, threads, [&](int64_t b0, int64_t b1) {
     std::vector<T> col(d), packed;
     for (int64_t b = b0; b < b1; ++b) {
       T* a = L + b * int64_t(d) * d;
@@ -136,7 +143,7 @@ int64_t factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int thr
 
 template <class T>
 void inverse(int64_t B, int d, int bs, const T* L, T* out, T* trace, int threads) {
-  parallel_for(B, threads, [&](int64_t b0, int64_t b1) {
+  parallel_for(B, double(d) * d * d * 2 / 3, threads, [&](int64_t b0, int64_t b1) {
     std::vector<T> a(size_t(d) * d), dg(d);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t off = b * int64_t(d) * d;
@@ -156,7 +163,7 @@ template <class T>
 void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* grad_w, int threads) {
   const int d = p.d;
   const bool unit = p.J.s2 == 1;
-  parallel_for(p.B, threads, [&](int64_t b0, int64_t b1) {
+  parallel_for(p.B, double(p.D) * d * d, threads, [&](int64_t b0, int64_t b1) {
     std::vector<T> scratch(grad_J ? 0 : size_t(kRows) * d);  // J Γ rows when grad_J is not wanted
     for (int64_t b = b0; b < b1; ++b) {
       const T* J = p.J.at<T>() + b * p.J.s0;
