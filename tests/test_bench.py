@@ -94,6 +94,7 @@ def test_quick_bench_writes_a_ratio_table_and_valid_json(tmp_path, capsys):
     assert main(["bench", "--quick", "--repeats", "2", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(path.read_text())
+    assert result["tool"] == "fastjac bench"
     assert {"cpu", "cores", "torch", "date", "device"} <= set(result["machine"])
     rows = result["rows"]
     assert {r["area"] for r in rows} == {"operators", "jacobian", "training"}
@@ -125,7 +126,7 @@ def test_render_results_rewrites_only_its_section(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "cpu-x.json").write_text(json.dumps(RESULT))
-    (results / "other-tool.json").write_text(json.dumps({"rows": "not ours"}))
+    (results / "other-tool.json").write_text(json.dumps({"rows": [], "machine": {"device": "cpu"}}))
     args = ["--readme", str(readme), "--results", str(results)]
     assert render_results.main(args + ["--check"]) == 1
     assert render_results.main(args) == 0
@@ -136,7 +137,7 @@ def test_render_results_rewrites_only_its_section(tmp_path):
     assert render_results.main(args + ["--check"]) == 0
 
 
-RESULT = {"machine": {"device": "cpu", "card": None, "cpu": "X", "cores": 2, "torch": "2", "date": "d"},
+RESULT = {"tool": "fastjac bench", "machine": {"device": "cpu", "card": None, "cpu": "X", "cores": 2, "torch": "2", "date": "d"},
           "settings": {"repeats": 3},
           "rows": [{"workload": "w", "implementation": "naive", "baseline": True, "median_s": 2e-3,
                     "ratio": 1.0, "targets": []},

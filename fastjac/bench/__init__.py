@@ -54,7 +54,7 @@ def run(args) -> int:
     rows, skipped = report.run(groups, repeats=repeats, device=device, peaks=peaks, budget_s=args.budget,
                                min_sample_s=0.0 if args.quick else 0.02,
                                progress=lambda s: print(f"  timing {s}", file=sys.stderr, flush=True))
-    result = {"machine": report.machine(device),
+    result = {"tool": report.TOOL, "machine": report.machine(device),
               "settings": {"quick": args.quick, "repeats": repeats, "areas": list(areas)},
               "peaks": None if peaks is None else {"bandwidth": peaks.bandwidth, "flops": peaks.flops},
               "rows": rows, "skipped": skipped}

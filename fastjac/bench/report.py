@@ -13,6 +13,8 @@ import torch
 from . import timing
 from .suites import Group
 
+TOOL = "fastjac bench"  # marks the JSON this module writes (other tools share benchmarks/results/)
+
 
 def machine(device: torch.device) -> dict:
     """Where the numbers come from: CPU model and cores, card, CUDA, torch, triton, date."""
@@ -85,6 +87,10 @@ def _duration(s: float) -> str:
     return f"{s * 1e9:7.0f} ns"
 
 
+def _ratio(r: float) -> str:
+    return f"{r:.2f}" if r >= 0.1 else f"{r:.4f}"
+
+
 def _target_cell(row) -> str:
     cells = []
     for t in row["targets"]:
@@ -98,7 +104,8 @@ def table(result: dict) -> str:
     m, rows = result["machine"], result["rows"]
     on_card = any("floor_s" in r for r in rows)
     head = (f"fastjac bench · {m['device']} · {m['card'] or m['cpu']} · {m['cores']} cores · "
-            f"torch {m['torch']}" + (f" · CUDA {m['cuda']}" if m["card"] else "") + f" · {m['date']}")
+            f"{m.get('torch_threads')} torch threads · torch {m['torch']}"
+            + (f" · CUDA {m['cuda']}" if m["card"] else "") + f" · {m['date']}")
     lines = [head, f"medians of up to {result['settings']['repeats']} interleaved repeats; "
              "ratio = time / baseline time in the same run (< 1 is faster)"]
     if result.get("peaks"):
@@ -117,7 +124,7 @@ def table(result: dict) -> str:
         name = r["workload"] if r["workload"] != title else ""
         title = r["workload"]
         label = r["implementation"] + (" (baseline)" if r["baseline"] else "")
-        line = f"{name:48s} {label:32s} {_duration(r['median_s']):>10s} {r['ratio']:7.2f}"
+        line = f"{name:48s} {label:32s} {_duration(r['median_s']):>10s} {_ratio(r['ratio']):>7s}"
         if on_card:
             line += (f" {_duration(r['floor_s']):>10s} {100 * r['of_floor']:7.1f}%" if "floor_s" in r
                      else f" {'':>10s} {'':>8s}")
@@ -147,7 +154,8 @@ def write_json(result: dict, path: str) -> None:
 def markdown(result: dict) -> str:
     """The same rows as :func:`table`, as a Markdown table under a line naming the machine."""
     m = result["machine"]
-    where = (f"{m['card']}, CUDA {m['cuda']}" if m["card"] else f"{m['cpu']}, {m['cores']} cores")
+    where = (f"{m['card']}, CUDA {m['cuda']}" if m["card"]
+             else f"{m['cpu']}, {m['cores']} cores, {m.get('torch_threads')} torch threads")
     lines = [f"**{m['device']}** — {where}, torch {m['torch']}"
              + (f", triton {m['triton']}" if m.get("triton") else "") + f", {m['date']} "
              f"(medians of up to {result['settings']['repeats']} interleaved repeats)", "",
@@ -159,5 +167,5 @@ def markdown(result: dict) -> str:
         label = r["implementation"] + (" (baseline)" if r["baseline"] else "")
         floor = f" ({100 * r['of_floor']:.0f}% of floor)" if "of_floor" in r else ""
         lines.append(f"| {name} | {label} | {_duration(r['median_s']).strip()}{floor} | "
-                     f"{r['ratio']:.2f} | {_target_cell(r)} |")
+                     f"{_ratio(r['ratio'])} | {_target_cell(r)} |")
     return "\n".join(lines)
