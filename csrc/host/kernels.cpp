@@ -44,7 +44,7 @@ inline void tile(int64_t K, const T* a, int64_t ats, Stride aks, const T* wt, in
   typedef T vec __attribute__((vector_size(W * sizeof(T))));
   vec acc[R][N];
   for (int t = 0; t < R; ++t)
-    for (int v = 0; v < N; ++v) acc[t][v] = vec{} ;
+    for (int v = 0; v < N; ++v) acc[t][v] = vec{};
   for (int64_t k = 0; k < K; ++k) {
     vec bk[N];
     __builtin_memcpy(bk, b + k * bks, sizeof(bk));
@@ -62,7 +62,7 @@ inline void tile(int64_t K, const T* a, int64_t ats, Stride aks, const T* wt, in
 // The columns [0, n) of an R-row block, in tiles of two vectors, one vector, then halves.
 template <int R, bool Weighted, class T, class Stride>
 inline void tile_columns(int64_t K, const T* a, int64_t ats, Stride aks, const T* wt, int64_t ws,
-                     const T* b, int64_t bks, int n, T* out, int64_t ots) {
+                         const T* b, int64_t bks, int n, T* out, int64_t ots) {
   constexpr int V = 64 / sizeof(T);  // one 512-bit vector
   int c = 0;
   for (; c + 2 * V <= n; c += 2 * V) tile<R, 2 * V, Weighted>(K, a, ats, aks, wt, ws, b + c, bks, out + c, ots);
@@ -74,6 +74,7 @@ inline void tile_columns(int64_t K, const T* a, int64_t ats, Stride aks, const T
   for (; c < n; ++c) tile<R, 1, Weighted>(K, a, ats, aks, wt, ws, b + c, bks, out + c, ots);
 }
 
+// tile_columns with the weighted / unit-stride cases made compile-time.
 template <int R, class T>
 inline void tile_row(int64_t K, const T* a, int64_t ats, int64_t aks, const T* wt, int64_t ws,
                      const T* b, int64_t bks, int n, T* out, int64_t ots) {
