@@ -18,8 +18,10 @@ import torch
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 # Preference for "auto", by device type. Each implementation's ``supports``
-# encodes its measured range (e.g. the d above which cuSOLVER wins).
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# encodes its measured range (e.g. the d above which cuSOLVER wins). The "cuda" extension
+# backend is not in the CUDA list yet: its kernels have not run on a GPU (the Triton ones are
+# tested under the interpreter); force it with backend="cuda" until a GPU run measures it.
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 def _always(**_sizes) -> Optional[str]:
