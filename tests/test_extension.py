@@ -175,6 +175,10 @@ def test_random_shapes_match_reference(B, D, d, block, weighted):
 def test_auto_and_availability():
     J = torch.randn(2, 10, 4)
     assert _dispatch.resolve("logdet_gram", "auto", J, B=2, D=10, d=4) == "cpp"
+    # beyond the measured range "auto" keeps the reference; forcing cpp still works there
+    assert _dispatch.resolve("logdet_gram", "auto", J, B=2, D=10, d=256) == "torch"
+    assert _dispatch.resolve("logdet_gram", "auto", J.double(), B=2, D=10, d=128) == "cpp"
+    assert _dispatch.resolve("logdet_gram", "cpp", J, B=2, D=10, d=256) == "cpp"
     assert _dispatch.availability()["cpp"] is None
     if not torch.cuda.is_available():  # registered as unavailable, with the reason
         assert "CUDA" in _dispatch.availability()["cuda"]

@@ -34,6 +34,8 @@ class Implementation:
     backward: Callable
     # supports(device_type=..., dtype=..., **sizes) -> None if it can run, else the reason
     supports: Callable[..., Optional[str]] = field(default=_always)
+    # faster(**same) -> whether "auto" should take it over the ones after it (its measured range)
+    faster: Callable[..., bool] = field(default=lambda **_sizes: True)
 
 
 _IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {}
@@ -60,7 +62,7 @@ def register(op: str, backend: str, implementation: Implementation) -> None:
         raise ValueError(f"unknown backend {backend!r}")
     _IMPLEMENTATIONS.setdefault(op, {})[backend] = Implementation(
         _without_autocast(implementation.forward), _without_autocast(implementation.backward),
-        implementation.supports)
+        implementation.supports, implementation.faster)
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
@@ -108,7 +110,7 @@ def resolve(op: str, backend: str, tensor: torch.Tensor, **sizes) -> str:
     if backend == "auto":
         for name in AUTO_ORDER.get(tensor.device.type, ()) + ("torch",):
             impl = impls.get(name)
-            if impl is not None and impl.supports(**kw) is None:
+            if impl is not None and impl.supports(**kw) is None and impl.faster(**kw):
                 return name
         raise RuntimeError(f"no backend of {op} supports device {tensor.device}")  # torch always does
     if backend not in BACKENDS:

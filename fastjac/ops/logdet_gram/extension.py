@@ -3,10 +3,10 @@
 
 The per-matrix work (mask, Cholesky, log det, M⁻¹ and its trace) is csrc/fastjac/matrix.h,
 one source for both. The two passes over J are where the time goes; on the host the Gram
-JᵀWJ comes from the C++ symmetric kernel or from torch's matmul (MKL), and the backward's
-J·Γ likewise, whichever ``benchmarks/extension_cpu.py`` measured faster: C++ for small d
-(no per-call overhead, one fused pass), MKL from ``HOST_MATMUL_MIN_D`` on. Validation stays
-in the public functions; this module sees checked operands. Shapes as ``reference``.
+JᵀWJ comes from the C++ symmetric kernel (the host twin of the CUDA Gram kernel) or from
+torch's matmul (MKL), and the backward's J·Γ likewise, from ``HOST_MATMUL_MIN_D`` on, as
+``benchmarks/extension_cpu.py`` measured faster. Validation stays in the public functions;
+this module sees checked operands. Shapes as ``reference``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ if _extension.module is None:
     raise ImportError(_extension.reason)
 _C = _extension.module
 
-HOST_MATMUL_MIN_D = 64  # from this d on, the host's passes over J use torch's matmul
+HOST_MATMUL_MIN_D = 0  # from this d on, the host's passes over J use torch's matmul (on a quiet
+                       # machine MKL's passes beat the C++ ones at every d measured, 8–256)
 CUDA_MAX_D = 128      # one matrix per thread block: M must fit in shared memory
 
 
@@ -133,12 +134,16 @@ def posterior_covariance_backward(J, w, beta, sigma, grad, needs_input_grad=(Tru
 
 
 def host_supports(*, device_type, dtype, B=None, D=None, d=None, **_) -> Optional[str]:
-    """Every CPU input: benchmarks/extension_cpu.py measured cpp faster than the torch
-    reference at every shape it times (B 1–256, D 64–784, d 2–256), so "auto" has no
-    crossover back to torch on the CPU."""
     if device_type != "cpu":
         return f"the cpp backend runs on the CPU, not {device_type}"
     return None
+
+
+def host_faster(*, dtype, d=None, **_) -> bool:
+    """Where "auto" takes cpp over the torch reference: benchmarks/extension_cpu.py on a quiet
+    2-core Xeon measured cpp 1.1–1.6× faster up to d = 64 (float32) and d = 128 (float64), and
+    slower beyond (LAPACK's blocked Cholesky and inverse win at large d)."""
+    return d is None or d <= (128 if dtype == torch.float64 else 64)
 
 
 def cuda_supports(*, device_type, dtype, B=None, D=None, d=None, **_) -> Optional[str]:
@@ -157,9 +162,9 @@ def _cuda_unavailable() -> Optional[str]:
     return None
 
 
-_dispatch.register(OP, "cpp", _dispatch.Implementation(forward, backward, host_supports))
+_dispatch.register(OP, "cpp", _dispatch.Implementation(forward, backward, host_supports, host_faster))
 _dispatch.register(COVARIANCE_OP, "cpp", _dispatch.Implementation(
-    posterior_covariance, posterior_covariance_backward, host_supports))
+    posterior_covariance, posterior_covariance_backward, host_supports, host_faster))
 if _cuda_unavailable() is None:
     _dispatch.register(OP, "cuda", _dispatch.Implementation(forward, backward, cuda_supports))
     _dispatch.register(COVARIANCE_OP, "cuda", _dispatch.Implementation(
