@@ -15,11 +15,11 @@ from .._gram import accumulation_dtype
 
 
 def _norms(J: Tensor, w: Optional[Tensor]) -> Tensor:
+    """n_i = Σ_r w_r J_ri², (B, k), without a (B, D, k) temporary when w is None."""
     Jc = J.to(accumulation_dtype(J.dtype))
-    sq = Jc * Jc
-    if w is not None:
-        sq = sq * w.to(Jc.dtype).unsqueeze(-1)
-    return sq.sum(1)  # (B, k)
+    if w is None:
+        return torch.linalg.vector_norm(Jc, dim=1).square()
+    return (w.to(Jc.dtype).unsqueeze(1) @ (Jc * Jc)).squeeze(1)
 
 
 def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, scale: Optional[Tensor]) -> Tensor:
@@ -38,10 +38,11 @@ def backward(J, w, beta, scale, grad, needs_input_grad=(True, True, True)):
     Jc = J.to(n.dtype)
     grad_J = grad_w = grad_beta = None
     if needs_input_grad[0]:
-        wc = 1 if w is None else w.to(n.dtype).unsqueeze(-1)
-        grad_J = 2 * wc * Jc * gamma.unsqueeze(1)
+        grad_J = Jc * (2 * gamma).unsqueeze(1)
+        if w is not None:
+            grad_J = grad_J * w.to(n.dtype).unsqueeze(-1)
     if needs_input_grad[1] and w is not None:
-        grad_w = (Jc * Jc * gamma.unsqueeze(1)).sum(-1)
+        grad_w = ((Jc * Jc) @ gamma.unsqueeze(-1)).squeeze(-1)
     if needs_input_grad[2]:
         grad_beta = -(gamma * n).sum() / beta
     return grad_J, grad_w, grad_beta
