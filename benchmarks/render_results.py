@@ -46,7 +46,7 @@ run short. `asv run --python=same` benchmarks the fastjac importable here (or th
 networks of `fastjac.models` with every channel count scaled by `width`; decoder BatchNorm runs
 in eval mode for every rival. On a shared machine `--threads 1` gives steadier ratios.
 
-The tables below were measured on a 2-core machine shared with other jobs (load average 5–14):
+The tables below were measured on a 2-core CPU (the load average at the start is in each JSON):
 read the ratios, measured side by side, rather than the absolute times.
 """
 
