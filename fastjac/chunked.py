@@ -28,6 +28,15 @@ def _chunk(decoder, z, directions, output):
     return jacobian_columns(decoder, z, directions=directions, output=output)
 
 
+def columns(decoder: Callable, z: Tensor, *, chunk_size: Optional[int] = None,
+            directions: Optional[Tensor] = None, output: Selector = None):
+    """:func:`fastjac.jacobian_columns` when ``chunk_size`` is None, else the memory-bounded
+    :func:`recomputed_columns`: the one switch the objectives use."""
+    if chunk_size is None:
+        return jacobian_columns(decoder, z, directions=directions, output=output)
+    return recomputed_columns(decoder, z, chunk_size=chunk_size, directions=directions, output=output)
+
+
 def recomputed_columns(decoder: Callable, z: Tensor, *, chunk_size: int,
                        directions: Optional[Tensor] = None, output: Selector = None):
     """Decoder output and J @ directions (all d columns by default), whose backward re-runs the

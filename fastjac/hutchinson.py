@@ -41,8 +41,7 @@ from torch.func import jvp, vjp, vmap
 
 from . import _validation as check
 from .jacobian import jacobian_columns, select_output
-from .ops._gram import accumulation_dtype
-from .regularizer import Estimate, Settings, observation_weights, register_estimator
+from .regularizer import Estimate, Settings, observation_weights, register_estimator, weighted_dots
 
 PROBES = ("rademacher", "gaussian")
 logger = logging.getLogger(__name__)
@@ -209,9 +208,7 @@ def hutchinson_cg(decoder, z, beta, obs, x, s: Settings) -> Estimate:
     directions = torch.cat([cg.solution, eps]).permute(1, 2, 0)                      # (B, d, 2P)
     out, J = jacobian_columns(decoder, z, directions=directions, chunk_size=s.chunk_size, output=s.output)
     w = observation_weights(obs, out, x)
-    J = J.to(accumulation_dtype(J.dtype))
-    w_rows = w.unsqueeze(-1) if isinstance(w, Tensor) and w.dim() == 2 else w
-    surrogate = (w_rows * J[..., :P] * J[..., P:]).sum(1).mean(-1) / beta            # (B,)
+    surrogate = weighted_dots(J[..., :P], J[..., P:], w).mean(-1) / beta             # (B,)
     R = value.to(surrogate.dtype) + (surrogate - surrogate.detach())
 
     iterations = int(cg.iterations.max())

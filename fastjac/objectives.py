@@ -15,9 +15,9 @@ from torch import Tensor
 
 from . import _validation as check
 from . import observations
-from .chunked import recomputed_columns
-from .jacobian import Selector, jacobian_columns, select_output
-from .regularizer import Settings, Terms, observation_weights, reduce, regularizer_terms
+from .chunked import columns
+from .jacobian import Selector, select_output
+from .regularizer import Settings, Terms, observation_weights, reduce, regularizer_terms, weighted_dots
 
 
 def grae_terms(decoder: Callable, z: Tensor, x: Tensor, beta, *, estimator: str = "exact",
@@ -165,14 +165,9 @@ def taylor_beta_vae_loss(decoder: Callable, mu: Tensor, scale_tril: Tensor, x: T
     B, d = mu.shape
     _data(x, B)
     obs = observations.get(observation)
-    if chunk_size is None:
-        out, JC = jacobian_columns(decoder, mu, directions=scale_tril, output=output)
-    else:
-        out, JC = recomputed_columns(decoder, mu, directions=scale_tril, chunk_size=chunk_size, output=output)
+    out, JC = columns(decoder, mu, directions=scale_tril, chunk_size=chunk_size, output=output)
     if x.numel() != out.numel():
         raise ValueError(f"x has shape {tuple(x.shape)} but the decoder returned {tuple(out.shape)}")
-    w = observation_weights(obs, out, x)
-    w_rows = w.unsqueeze(-1) if isinstance(w, Tensor) and w.dim() == 2 else w
-    trace = (JC * JC * w_rows).sum((1, 2))
+    trace = weighted_dots(JC, JC, observation_weights(obs, out, x)).sum(-1)
     recon = obs.nll(out, x.reshape(out.shape).to(out.dtype))
     return reduce(recon + 0.5 * trace + beta * gaussian_kl(mu, scale_tril), reduction)

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import _validation as check
 from . import observations
 from ._decoders import estimator_precision
-from .chunked import recomputed_columns
+from .chunked import columns
 from .jacobian import Selector, jacobian_columns
 from .ops._gram import accumulation_dtype
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
@@ -71,6 +71,16 @@ def observation_weights(obs, out: Tensor, x: Optional[Tensor]):
     return w
 
 
+def weighted_dots(A: Tensor, C: Tensor, w) -> Tensor:
+    """Σ_r w_r A_ri C_ri per column: (B, D, k), (B, D, k), w (number or (B, D)) -> (B, k),
+    in the accumulation dtype (‖J_w e_i‖² for A = C = J)."""
+    acc = accumulation_dtype(A.dtype)
+    prod = A.to(acc) * C.to(acc)
+    if isinstance(w, Tensor) and w.dim() == 2:
+        return (w.to(acc).unsqueeze(1) @ prod).squeeze(1)
+    return prod.sum(1) * w
+
+
 def _draw(high: int, shape, z: Tensor, generator) -> Tensor:
     device = generator.device if generator is not None else z.device
     return torch.randint(high, shape, generator=generator, device=device).to(z.device)
@@ -89,10 +99,7 @@ def _ortho_from_full(J, w, s: Settings):
 
 
 def _full_jacobian(decoder, z, obs, x, s: Settings):
-    if s.chunk_size is None:
-        out, J = jacobian_columns(decoder, z, output=s.output)
-    else:  # memory-bounded: chunks' tangent graphs are recomputed in backward (fastjac.chunked)
-        out, J = recomputed_columns(decoder, z, chunk_size=s.chunk_size, output=s.output)
+    out, J = columns(decoder, z, chunk_size=s.chunk_size, output=s.output)  # chunked: memory-bounded
     return out, J, observation_weights(obs, out, x)
 
 
@@ -119,9 +126,7 @@ def _hadamard(decoder, z, beta, obs, x, s):
 def _frobenius(decoder, z, beta, obs, x, s):
     """First-order Taylor of log det M: tr(G)/β = ‖J_w‖_F²/β (so (β/2)R = ½‖J_w‖_F²)."""
     out, J, w = _full_jacobian(decoder, z, obs, x, s)
-    Jc = J.to(accumulation_dtype(J.dtype))
-    w_rows = w.unsqueeze(-1) if isinstance(w, Tensor) and w.dim() == 2 else w
-    R = (Jc * Jc * w_rows).sum((1, 2)) / beta
+    R = weighted_dots(J, J, w).sum(-1) / beta
     return Estimate(out, R, _ortho_from_full(J, w, s))
 
 

@@ -165,13 +165,8 @@ void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* g
   check(cudaGetLastError(), "gram_pass_kernel launch");
 }
 
-#define FASTJAC_INSTANTIATE(T)                                                                      \
-  template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
-  template void inverse<T>(int64_t, int, int, const T*, T*, T*, int, int64_t);                     \
-  template void gram_pass<T>(const Problem&, const T*, const T*, T*, T*, int, int64_t);
-FASTJAC_INSTANTIATE(float)
-FASTJAC_INSTANTIATE(double)
-#undef FASTJAC_INSTANTIATE
+FASTJAC_CUDA_INSTANTIATE(float)
+FASTJAC_CUDA_INSTANTIATE(double)
 
 }  // namespace cuda
 }  // namespace fastjac

@@ -21,13 +21,8 @@ template <class T> void factor(const Problem&, const T*, int, T*, T*, int, int64
 template <class T> void inverse(int64_t, int, int, const T*, T*, T*, int, int64_t) { missing(); }
 template <class T> void gram_pass(const Problem&, const T*, const T*, T*, T*, int, int64_t) { missing(); }
 
-#define FASTJAC_INSTANTIATE(T)                                                                      \
-  template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
-  template void inverse<T>(int64_t, int, int, const T*, T*, T*, int, int64_t);                     \
-  template void gram_pass<T>(const Problem&, const T*, const T*, T*, T*, int, int64_t);
-FASTJAC_INSTANTIATE(float)
-FASTJAC_INSTANTIATE(double)
-#undef FASTJAC_INSTANTIATE
+FASTJAC_CUDA_INSTANTIATE(float)
+FASTJAC_CUDA_INSTANTIATE(double)
 
 }  // namespace cuda
 }  // namespace fastjac

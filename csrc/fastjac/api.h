@@ -42,4 +42,11 @@ template <class T> void gram_pass(const Problem& p, const T* gamma, const T* sca
                                   int device, int64_t stream);
 }  // namespace cuda
 
+// The device entry points' explicit instantiations, shared by cuda/kernels.cu and cuda/stub.cpp
+// (used inside namespace fastjac::cuda), so the two can never disagree on the signatures.
+#define FASTJAC_CUDA_INSTANTIATE(T)                                                                  \
+  template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
+  template void inverse<T>(int64_t, int, int, const T*, T*, T*, int, int64_t);                     \
+  template void gram_pass<T>(const Problem&, const T*, const T*, T*, T*, int, int64_t);
+
 }  // namespace fastjac
