@@ -1,7 +1,7 @@
 """Memory-bounded Jacobians: all columns in chunks, each chunk's tangent graph recomputed in backward.
 
 Exact R = log det M needs all d columns, but its backward needs only ∂R/∂J = (2/β) W J M⁻¹
-(SPEC §5). So the forward pushes the tangents a chunk at a time and keeps only the columns
+(docs/maths.md#jacobian-columns). So the forward pushes the tangents a chunk at a time and keeps only the columns
 J (B, D, d) — none of the decoder's tangent activations; ``logdet_gram`` factorises M once
 and keeps L; in backward each chunk's JVPs are re-run with graph (non-reentrant activation
 checkpointing) and (2/β) W J M⁻¹[:, c] flows through them, one chunk at a time. Peak memory
@@ -10,7 +10,9 @@ then follows the chunk size, not d, at the cost of one more decoder pass per chu
 The decoder output is the first chunk's primal, so the reconstruction term, the weights
 w(g(z)) and J all come from one and the same output (gradients through w flow into it).
 Every chunk replays one random state, so dropout draws one mask for the primal and all
-tangents, also when the chunks are recomputed.
+tangents, also when the chunks are recomputed. The recomputation runs the same code as the
+forward (:func:`fastjac.jacobian.columns_along`), so the op rules of :mod:`fastjac._rules` and
+the forward-AD lock are active then too.
 """
 from __future__ import annotations
 
@@ -21,11 +23,11 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from . import _validation as check
-from .jacobian import Selector, column_directions, jacobian_columns, random_state
+from .jacobian import Selector, checked_codes, column_directions, columns_along, jacobian_columns, prepared, random_state
 
 
 def _chunk(decoder, z, directions, output):
-    return jacobian_columns(decoder, z, directions=directions, output=output)
+    return columns_along(decoder, z, directions, output=output)
 
 
 def columns(decoder: Callable, z: Tensor, *, chunk_size: Optional[int] = None,
@@ -46,8 +48,9 @@ def recomputed_columns(decoder: Callable, z: Tensor, *, chunk_size: int,
     directions and J; backward holds one chunk's tangent graph at a time.
 
     Args:
-        decoder: callable (B, d) -> (B, *out_shape), acting per sample (see jacobian_columns).
-        z: (B, d) codes.
+        decoder: callable (B, *latent_shape) -> (B, *out_shape), acting per sample, however
+            wrapped (prepared as in :func:`fastjac.jacobian_columns`).
+        z: (B, *latent_shape) codes; d = prod(latent_shape).
         chunk_size: columns pushed (and later recomputed) per decoder call.
         directions: (B, d, k) tangent directions; None means the d unit columns.
         output: selector for tuple/dict outputs.
@@ -60,14 +63,9 @@ def recomputed_columns(decoder: Callable, z: Tensor, *, chunk_size: int,
         >>> J.shape
         torch.Size([4, 100, 8])
     """
-    if not callable(decoder):
-        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
-    check.tensor("z", z, ndim=2)
+    decoder = prepared(decoder)
+    B, d = checked_codes(z)
     check.positive_int("chunk_size", chunk_size)
-    B, d = z.shape
-    if B == 0 or d == 0:
-        raise ValueError(f"z must be a non-empty (B, d) tensor, got shape {tuple(z.shape)}")
-    check.finite("z", z)
     directions = column_directions(None, directions, B, d, z)
     k = directions.shape[-1]
     replay = random_state(z.device)

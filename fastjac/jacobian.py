@@ -1,4 +1,4 @@
-"""Decoder Jacobian columns J e_j by forward-mode AD (SPEC §5).
+"""Decoder Jacobian columns J e_j by forward-mode AD (docs/maths.md#jacobian-columns).
 
 One primal pass of the decoder carries k tangents at once (``torch.func.jvp`` under
 ``vmap`` over the tangents; the primal is not batched, so it is computed once). The
@@ -7,12 +7,33 @@ Reverse mode over the D outputs is never used. Decoders that carry tangents them
 (a ``tangent_forward(z, tangents)`` method, e.g. :class:`fastjac.nn.TangentMLP` with its
 fused Linear+activation kernels) are used through that method instead of torch.func.
 
+Every entry point (:func:`jacobian_columns`, :mod:`fastjac.chunked`, and through them every
+estimator and objective) prepares the decoder here, in one place:
+- DDP/DataParallel/torch.compile wrappers are removed (:mod:`fastjac._decoders`); the
+  decoder runs under the caller's autocast.
+- The op table of :mod:`fastjac._rules` is active around the tangent pass, also when
+  ``torch.utils.checkpoint`` recomputes it in backward: layer/group/instance/batch norm run
+  exactly twice-differentiable decompositions, ``scaled_dot_product_attention`` its math
+  form, the transformer fast path is off — for modules handed in directly, behind a lambda
+  or ``functools.partial``, and for functional calls alike.
+- An op with no forward-AD formula and no rule: the columns come from the double-VJP
+  method instead (J v = ∂/∂u ⟨Jᵀu, v⟩, exact and differentiable, one reverse pass per
+  column), with one ``ForwardADFallbackWarning`` naming the op.
+- Threads: torch.func's forward-AD levels are process-wide state, so concurrent tangent
+  passes corrupt each other ("no level exists", or silently zero columns). The forward-AD
+  section holds :data:`FORWARD_AD_LOCK` (a process-wide re-entrant lock); the decoder's
+  backward runs outside it. Under ``torch.compile`` the lock is not taken (the compiled
+  graph holds no forward-AD state).
+- Latents of any shape: z (B, *latent_shape); d = prod(latent_shape), columns and
+  directions index the flattened latent, the decoder receives z in its own shape.
+
 Pitfalls, and what happens here:
 - BatchNorm using batch statistics (training mode, or ``track_running_stats=False``)
   couples the samples: the columns are then those of the whole batch's output with every
-  sample moved along e_j, not the per-sample Jacobian (terms of order 1/B). That warns;
-  training mode *with* running statistics cannot be traced at all and raises ValueError.
-  Fix: ``decoder.eval()`` for the regulariser pass, or GroupNorm/LayerNorm.
+  sample moved along e_j, not the per-sample Jacobian (terms of order 1/B;
+  docs/maths.md#batch-coupling). That warns; training mode *with* running statistics
+  cannot be traced at all and raises ValueError. Fix: ``decoder.eval()`` for the
+  regulariser pass, or GroupNorm/LayerNorm.
 - ``torch.no_grad()`` does not stop forward tangents: columns computed under it are
   exact (only no graph is kept), and a ``no_grad`` block *inside* a decoder still
   carries its tangents but records no graph, so the gradient of J through it (into z
@@ -22,32 +43,36 @@ Pitfalls, and what happens here:
   (``randomness="same"``); chunks replay the same random state, so every chunk and the
   primal see the same mask.
 - Tuple, dict or object outputs: ``output=`` selects the reconstruction.
-- Second-order terms: training differentiates J, i.e. reverse mode over the decoder's
-  forward-AD formulas. For LayerNorm and InstanceNorm (instance statistics) those drop the
-  derivative of the statistics (torch 2.13), so gradients of J are silently wrong; while
-  columns are computed, such layers of a module decoder run a decomposed form whose
-  derivatives are exact (decoders hidden in a lambda, or ``F.layer_norm`` calls, are not seen).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
+import re
+import threading
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from . import _decoders
 from . import _validation as check
+from ._rules import BatchCouplingWarning, column_rules, refuse_running_statistics_update, updates_running_statistics
 
 Selector = Union[None, str, int, Callable[[Any], Tensor]]
 
 
-class BatchCouplingWarning(UserWarning):
-    """The decoder normalises with batch statistics, so its per-sample Jacobian is not defined."""
+__all__ = ["jacobian_columns", "select_output", "column_directions", "BatchCouplingWarning",
+           "ForwardADFallbackWarning", "FORWARD_AD_LOCK"]
+
+FORWARD_AD_LOCK = threading.RLock()
+
+
+class ForwardADFallbackWarning(UserWarning):
+    """An op without a forward-AD formula: columns computed by the (slower) double-VJP method."""
 
 
 _MISSING = object()
@@ -130,68 +155,18 @@ def column_directions(columns, directions, B: int, d: int, like: Tensor) -> Tens
 
 def _modules(decoder) -> list:
     """The nn.Modules a decoder callable is made of, as far as they can be seen."""
-    while hasattr(decoder, "func") and callable(decoder.func):  # functools.partial
+    while hasattr(decoder, "func") and callable(decoder.func):  # functools.partial, UnderAutocast
         decoder = decoder.func
     owner = getattr(decoder, "__self__", decoder)  # bound method
     return list(owner.modules()) if isinstance(owner, nn.Module) else []
 
 
 def check_normalisation(decoder) -> None:
-    """Refuse or warn about BatchNorm layers that use batch statistics (see the module notes)."""
-    coupled = [m for m in _modules(decoder) if isinstance(m, nn.modules.batchnorm._BatchNorm)
-               and (m.training or m.running_mean is None)]
-    if not coupled:
-        return
-    names = ", ".join(sorted({type(m).__name__ for m in coupled}))
-    why = (f"the decoder has {len(coupled)} {names} layer(s) normalising with batch statistics, "
-           "which couple the samples, so J is not the per-sample Jacobian (SPEC §5)")
-    fix = "call decoder.eval() for the regulariser pass, or use GroupNorm/LayerNorm"
-    if any(m.training and m.track_running_stats for m in coupled):
-        raise ValueError(f"{why}; in training mode their running-statistics update is an in-place "
-                         f"write that forward-mode AD cannot trace: {fix}")
-    warnings.warn(f"{why}: J e_j is the derivative with every sample moved along e_j at once "
-                  f"(errors of order 1/B); {fix}", BatchCouplingWarning, stacklevel=3)
-
-
-def _normalised(x: Tensor, dims: tuple, eps: float, weight, bias) -> Tensor:
-    centred = x - x.mean(dims, keepdim=True)
-    y = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
-    y = y if weight is None else y * weight
-    return y if bias is None else y + bias
-
-
-def _layer_norm(m: nn.LayerNorm, x: Tensor) -> Tensor:
-    return _normalised(x, tuple(range(-len(m.normalized_shape), 0)), m.eps, m.weight, m.bias)
-
-
-def _instance_norm(m, x: Tensor) -> Tensor:
-    per_channel = (-1,) + (1,) * (x.dim() - 2)
-    weight = None if m.weight is None else m.weight.reshape(per_channel)
-    bias = None if m.bias is None else m.bias.reshape(per_channel)
-    return _normalised(x, tuple(range(2, x.dim())), m.eps, weight, bias)
-
-
-@contextmanager
-def decomposed_normalisation(decoder):
-    """Within the block, the decoder's LayerNorm and instance-statistics InstanceNorm layers run
-    a decomposed form, whose forward-AD formulas are exactly twice differentiable (see notes)."""
-    swapped = []
-    for m in _modules(decoder):
-        if isinstance(m, nn.LayerNorm):
-            form = _layer_norm
-        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and (m.training or not m.track_running_stats):
-            form = _instance_norm
-        else:
-            continue
-        swapped.append((m, m.__dict__.get("forward")))
-        m.forward = functools.partial(form, m)
-    try:
-        yield
-    finally:
-        for m, previous in swapped:
-            del m.forward
-            if previous is not None:
-                m.forward = previous
+    """Refuse visible BatchNorm layers whose running-statistics update cannot be traced, before
+    any call touches them (hidden ones are refused by the batch_norm rule when called)."""
+    count = sum(updates_running_statistics(m) for m in _modules(decoder))
+    if count:
+        refuse_running_statistics_update(count)
 
 
 def random_state(device: torch.device) -> Callable[[], None]:
@@ -207,10 +182,10 @@ def random_state(device: torch.device) -> Callable[[], None]:
     return replay
 
 
-def _pusher(decoder: Callable, output: Selector):
-    """push(z, tangents (k, B, d)) -> (out (B, *out), tangent outputs (k, B, *out))."""
+def _pusher(decoder: Callable, output: Selector, flat: bool):
+    """push(z (B, *latent), tangents (k, B, *latent)) -> (out (B, *out), tangent outputs (k, B, *out))."""
     fused = getattr(decoder, "tangent_forward", None)
-    if output is None and callable(fused):
+    if output is None and flat and callable(fused):
         return fused
 
     def decode(code):
@@ -222,17 +197,107 @@ def _pusher(decoder: Callable, output: Selector):
     return push
 
 
+def double_vjp_columns(decoder: Callable, output: Selector, z: Tensor, tangents: Tensor):
+    """(out, J v for each tangent v) by reverse mode only: g(u) = Jᵀu is linear in u, and
+    ∂⟨g(u), v⟩/∂u = J v; every step keeps its graph, so J stays differentiable."""
+    keep_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        code = z if z.requires_grad else z.detach().requires_grad_()
+        out = select_output(decoder(code), output)
+        u = torch.zeros_like(out, requires_grad=True)
+        (pulled,) = torch.autograd.grad(out, code, u, create_graph=True)
+        cols = torch.stack([torch.autograd.grad(pulled, u, v, create_graph=True, retain_graph=True)[0]
+                            for v in tangents])
+    return (out, cols) if keep_graph else (out.detach(), cols.detach())
+
+
+_MISSING_FORMULA = re.compile(r"forward AD with (\S+) that does not support it")
+_warned_ops: set = set()
+
+
+def _fallback_op(error: Exception) -> Optional[str]:
+    """The op named by torch's "no forward-AD formula" error, or None for any other error."""
+    found = _MISSING_FORMULA.search(str(error))
+    return found.group(1) if found else None
+
+
+def _push(push, decoder, output, z: Tensor, tangents: Tensor):
+    """One tangent pass under the op rules and the forward-AD lock (see the module notes)."""
+    if torch.compiler.is_compiling():
+        with column_rules():
+            return push(z, tangents)
+    try:
+        with FORWARD_AD_LOCK, column_rules():
+            return push(z, tangents)
+    except (NotImplementedError, RuntimeError) as error:
+        op = _fallback_op(error)
+        if op is None:
+            raise
+    if op not in _warned_ops:
+        _warned_ops.add(op)
+        warnings.warn(f"{op} has no forward-AD formula and no fastjac rule: Jacobian columns are "
+                      "computed by the double-VJP method (exact, one reverse pass per column)",
+                      ForwardADFallbackWarning, stacklevel=4)
+    with column_rules():
+        return double_vjp_columns(decoder, output, z, tangents)
+
+
+def checked_codes(z: Tensor) -> tuple:
+    """(B, d) of codes z (B, *latent_shape), d = prod(latent_shape), after the input checks."""
+    check.tensor("z", z, ndim=range(2, 10))
+    B, d = z.shape[0], math.prod(z.shape[1:])
+    if B == 0 or d == 0:
+        raise ValueError(f"z must be a non-empty (B, *latent_shape) tensor, got shape {tuple(z.shape)}")
+    check.finite("z", z)
+    return B, d
+
+
+def columns_along(decoder: Callable, z: Tensor, directions: Tensor, *, chunk_size: Optional[int] = None,
+                  output: Selector = None):
+    """The core of :func:`jacobian_columns` for a prepared decoder and checked (B, d, k) directions."""
+    B = z.shape[0]
+    tangents = directions.permute(2, 0, 1).reshape(-1, *z.shape)  # (k, B, *latent)
+    k = tangents.shape[0]
+    step = k if chunk_size is None else min(chunk_size, k)
+    push = _pusher(decoder, output, flat=z.dim() == 2)
+    replay = random_state(z.device) if step < k else None  # only chunks replay (and it breaks compile)
+    out, pieces = None, []
+    for start in range(0, k, step):
+        if start:
+            replay()
+        primal, cols = _push(push, decoder, output, z, tangents[start:start + step])
+        if out is None:
+            if primal.dim() < 1 or primal.shape[0] != B:
+                raise ValueError(f"decoder output must have batch size B = {B} first, "
+                                 f"got shape {tuple(primal.shape)}")
+            out = primal
+        pieces.append(cols)
+    cols = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return out, cols.reshape(k, B, -1).permute(1, 2, 0)
+
+
+def prepared(decoder: Callable) -> Callable:
+    """The decoder every entry point differentiates: checked, wrappers removed, BatchNorm checked."""
+    if not callable(decoder):
+        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
+    decoder = _decoders.unwrapped(decoder)
+    check_normalisation(decoder)
+    return decoder
+
+
 def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = None, *,
                      directions: Optional[Tensor] = None, chunk_size: Optional[int] = None,
                      output: Selector = None):
     """Decoder output and Jacobian columns, by forward mode in one primal pass.
 
     Args:
-        decoder: any callable acting per sample, (B, d) -> (B, *out_shape) (or a tuple/dict/
-            object holding it; see ``output``). A decoder with a ``tangent_forward(z, tangents)``
-            method ((B, d), (k, B, d) -> (B, *out), (k, B, *out)) is pushed through it.
-        z: (B, d) codes.
-        columns: None (all d columns), a LongTensor (k,) shared by all samples, or (B, k) per sample.
+        decoder: any callable acting per sample, (B, *latent_shape) -> (B, *out_shape) (or a
+            tuple/dict/object holding it; see ``output``), however wrapped (lambda, partial,
+            DDP, torch.compile). A decoder with a ``tangent_forward(z, tangents)`` method
+            ((B, d), (k, B, d) -> (B, *out), (k, B, *out)) is pushed through it.
+        z: (B, *latent_shape) codes, e.g. (B, d) or (B, C, h, w); d = prod(latent_shape).
+        columns: None (all d columns), a LongTensor (k,) shared by all samples, or (B, k) per
+            sample, indexing the flattened latent.
         directions: arbitrary tangent directions (B, d, k) instead of columns: J @ directions.
         chunk_size: push at most this many tangents per decoder call (same result; each call
             keeps its own graph, so this bounds the forward's peak, not what backward holds —
@@ -247,32 +312,9 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
         >>> J.shape
         torch.Size([2, 5, 3])
     """
-    if not callable(decoder):
-        raise TypeError(f"decoder must be callable, got {type(decoder).__name__}")
-    check.tensor("z", z, ndim=2)
-    B, d = z.shape
-    if B == 0 or d == 0:
-        raise ValueError(f"z must be a non-empty (B, d) tensor, got shape {tuple(z.shape)}")
-    check.finite("z", z)
+    decoder = prepared(decoder)
+    B, d = checked_codes(z)
     if chunk_size is not None:
         check.positive_int("chunk_size", chunk_size)
-    check_normalisation(decoder)
-    tangents = column_directions(columns, directions, B, d, z).permute(2, 0, 1)  # (k, B, d)
-    k = tangents.shape[0]
-    step = k if chunk_size is None else min(chunk_size, k)
-    push = _pusher(decoder, output)
-    replay = random_state(z.device) if step < k else None  # only chunks replay (and it breaks compile)
-    out, pieces = None, []
-    for start in range(0, k, step):
-        if start:
-            replay()
-        with decomposed_normalisation(decoder):
-            primal, cols = push(z, tangents[start:start + step])
-        if out is None:
-            if primal.dim() < 1 or primal.shape[0] != B:
-                raise ValueError(f"decoder output must have batch size B = {B} first, "
-                                 f"got shape {tuple(primal.shape)}")
-            out = primal
-        pieces.append(cols)
-    cols = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    return out, cols.reshape(k, B, -1).permute(1, 2, 0)
+    dirs = column_directions(columns, directions, B, d, z)
+    return columns_along(decoder, z, dirs, chunk_size=chunk_size, output=output)
