@@ -10,9 +10,10 @@ from .objectives import (beta_vae_loss, beta_vae_terms, gaussian_kl, grae_loss, 
 from .observations import Bernoulli, BernoulliLogits, Gaussian
 from .ops import (column_estimate, fischer_bound, hadamard_bound, logdet_gram,
                   optimal_posterior_covariance, orthogonality_penalty)
-from .regularizer import ESTIMATORS, jacobian_regularizer
+from .estimators import ESTIMATORS
+from .objectives import jacobian_regularizer
 from . import nn  # fastjac.nn.JacobianRegularizer and the fused tangent layers
-from . import hutchinson  # registers "hutchinson_cg"
+from . import estimators, hutchinson  # noqa: F401 (fastjac.hutchinson: the old path of estimators.hutchinson)
 from ._info import info
 
 __version__ = "0.1.0"

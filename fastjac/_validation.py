@@ -1,80 +1,151 @@
 """Argument checks shared by every public function.
 
 Each check names the argument and what was expected, and raises ``ValueError``
-(bad value or shape) or ``TypeError`` (bad type). Finiteness checks read tensor
-values, which costs one device synchronisation on a GPU; they are skipped while
-``torch.compile`` traces and can be switched off with :func:`fastjac.set_checks`.
+(bad value or shape) or ``TypeError`` (bad type).
+
+Value checks (finiteness, ranges) read tensor values, which costs a host round-trip on a GPU.
+So every public loss or regulariser runs inside one :func:`deferred` block: there
+:func:`finite` and :func:`condition` only record a device-side flag, and leaving the block
+reads all flags with ONE host synchronisation and raises a ``ValueError`` naming the first
+failing argument. Outside a deferred block they act at once. With checks off
+(:func:`set_checks` / :func:`checks`, or while ``torch.compile`` traces) they record nothing
+and cost nothing, so the step makes no host round-trip and can be captured in a CUDA graph.
+
+The on/off switch: :func:`set_checks` sets the process-wide default; :func:`checks` overrides
+it for the calling thread only, so one thread switching checks off never lets another
+thread's NaN through.
 """
 from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import contextmanager
 from numbers import Real
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
-_CHECK_VALUES = os.environ.get("FASTJAC_CHECK_VALUES", "1") != "0"
+_DEFAULT = os.environ.get("FASTJAC_CHECK_VALUES", "1") != "0"
+_local = threading.local()
 
 
 def set_checks(enabled: bool) -> None:
-    """Turn the value checks (finiteness of J, z, β) on or off globally."""
-    global _CHECK_VALUES
-    _CHECK_VALUES = bool(enabled)
+    """Turn the value checks (finiteness of J, z, β, x ...) on or off: the process-wide default.
+
+    A :func:`checks` block in a thread overrides it for that thread."""
+    global _DEFAULT
+    _DEFAULT = bool(enabled)
 
 
 @contextmanager
 def checks(enabled: bool):
-    """Context manager form of :func:`set_checks`."""
-    global _CHECK_VALUES
-    previous = _CHECK_VALUES
-    _CHECK_VALUES = bool(enabled)
+    """Value checks on or off inside the block, for the calling thread only (other threads keep theirs)."""
+    previous = getattr(_local, "enabled", None)
+    _local.enabled = bool(enabled)
     try:
         yield
     finally:
-        _CHECK_VALUES = previous
+        _local.enabled = previous
 
 
 def values_checked() -> bool:
-    return _CHECK_VALUES and not torch.compiler.is_compiling()
+    enabled = getattr(_local, "enabled", None)
+    return (_DEFAULT if enabled is None else enabled) and not torch.compiler.is_compiling()
 
 
-def tensor(name: str, value, *, ndim: int | Iterable[int] | None = None, floating: bool = True):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if floating and not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if ndim is not None:
-        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
-        if value.dim() not in allowed:
-            want = " or ".join(str(n) for n in allowed)
-            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
-    return value
+# ----------------------------------------------------------------------------- deferred checks
+class _Pending:
+    """Flags recorded in one deferred block: (ok 0-d bool tensor, message), in call order."""
+
+    def __init__(self):
+        self.flags: list[tuple[torch.Tensor, str]] = []
+        self.seen: dict[tuple, torch.Tensor] = {}  # (id, version) of tensors already checked finite
+
+    def first_failure(self) -> Optional[str]:
+        if not self.flags:
+            return None
+        oks = torch.stack([ok.to(self.flags[0][0].device) for ok, _ in self.flags]).tolist()  # one sync
+        return next((message for ok, (_, message) in zip(oks, self.flags) if not ok), None)
 
 
-def finite(name: str, value: torch.Tensor) -> None:
-    """One reduction, no temporary: min and max are finite iff every entry is (NaN propagates);
-    15× cheaper than isfinite(value).all() on the CPU."""
+def _pending() -> Optional[_Pending]:
+    return getattr(_local, "pending", None)
+
+
+@contextmanager
+def deferred():
+    """Collect the value checks of the block; one host sync on exit raises the first failure.
+
+    Nested blocks join the outermost one. If the block raises, a recorded failure (e.g. a NaN
+    input that made a later step fail) is raised instead, chained to the original error.
+    """
+    if _pending() is not None:
+        yield
+        return
+    pending = _local.pending = _Pending()
+    try:
+        yield
+    except Exception as error:
+        _local.pending = None
+        message = pending.first_failure()
+        if message is not None:
+            raise ValueError(message) from error
+        raise
+    _local.pending = None
+    message = pending.first_failure()
+    if message is not None:
+        raise ValueError(message)
+
+
+def condition(name: str, ok, message: str) -> None:
+    """Require ``ok`` (a Python bool or a bool tensor, all of it true); else ValueError(message).
+
+    ``name`` is the argument the condition is about. Deferred inside :func:`deferred`; a
+    no-op with checks off (so callers may pass a tensor that is cheap to build)."""
+    if isinstance(ok, bool):
+        if not ok:
+            raise ValueError(message)
+        return
+    if not values_checked():
+        return
+    ok = ok.all() if ok.dim() else ok
+    pending = _pending()
+    if pending is not None:
+        pending.flags.append((ok, message))
+    elif not bool(ok):
+        raise ValueError(message)
+
+
+def finite(name: str, value: torch.Tensor, what: Optional[str] = None) -> None:
+    """``value`` has no NaN or inf: one reduction, no temporary (min and max are finite iff every
+    entry is; NaN propagates), 15× cheaper than isfinite(value).all() on the CPU. A tensor
+    already checked in the current deferred block (same object, unchanged) is not read again."""
     if not values_checked() or value.numel() == 0:
         return
-    lo, hi = torch.stack(torch.aminmax(value.detach())).tolist()  # one sync
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    pending = _pending()
+    key = (id(value), value._version if not value.is_inference() else -1)
+    if pending is not None and key in pending.seen:
+        return
+    ok = torch.isfinite(torch.stack(torch.aminmax(value.detach()))).all()
+    if pending is not None:
+        pending.seen[key] = value  # holding it keeps its id from being reused within the block
+    condition(name, ok, f"{what or name} contains non-finite values (NaN or inf)")
 
 
 def beta(value):
-    """β > 0 and finite: a Python number or a 0-d tensor (which may require grad)."""
+    """β > 0 and finite: a Python number (returned as a float, never copied to a device) or a
+    0-d tensor (which may require grad; its value is checked without an immediate sync)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() > 1:
             raise ValueError(f"beta must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"beta must be a floating-point scalar, got dtype {value.dtype}")
+        value = value.reshape(())
         if values_checked():
-            b = float(value.detach())
-            if not (math.isfinite(b) and b > 0):
-                raise ValueError(f"beta must be finite and > 0, got {b}")
-        return value.reshape(())
+            b = value.detach()
+            condition("beta", torch.isfinite(b) & (b > 0), "beta must be finite and > 0")
+        return value
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"beta must be a positive number or a 0-d tensor, got {type(value).__name__}")
     b = float(value)
@@ -95,6 +166,19 @@ def choice(name: str, value, options: Iterable[str]) -> str:
     options = tuple(options)
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return value
+
+
+def tensor(name: str, value, *, ndim: int | Iterable[int] | None = None, floating: bool = True):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if value.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {tuple(value.shape)}")
     return value
 
 
@@ -122,6 +206,6 @@ def weights(w, J: torch.Tensor, name: str = "weights"):
     elif tuple(w.shape) != (B, D):
         raise ValueError(
             f"{name} must be a scalar or have shape (B, D) = ({B}, {D}) matching J, got {tuple(w.shape)}")
-    if values_checked() and not bool((torch.isfinite(w) & (w >= 0)).all()):
-        raise ValueError(f"{name} must be finite and >= 0 everywhere")
+    if values_checked():
+        condition(name, torch.isfinite(w) & (w >= 0), f"{name} must be finite and >= 0 everywhere")
     return w

@@ -1,7 +1,7 @@
 """The implicit β-VAE regulariser as an ``nn.Module`` that holds its configuration.
 
-Its options are those of :func:`fastjac.jacobian_regularizer` (read off its signature, so
-the two cannot drift apart). β is a buffer: it moves with ``.to()``, can be scheduled in
+Its options are those of :func:`fastjac.jacobian_regularizer` (the same table,
+``fastjac.objectives.REGULARIZER_OPTIONS``, so the two cannot drift apart). β is a buffer: it moves with ``.to()``, can be scheduled in
 place (``reg.beta.fill_(0.3)``) and is saved. The other options travel in the state_dict as
 extra state, so ``load_state_dict`` restores the configuration. Two things cannot be saved:
 a custom observation object and a callable ``output`` selector; they are saved as a marker
@@ -9,7 +9,6 @@ and the loading module must have been built with them.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Optional
 
 import torch
@@ -17,11 +16,11 @@ from torch import Tensor, nn
 
 from .. import _validation as check
 from .. import observations
-from ..regularizer import REDUCTIONS, Settings, check_settings, jacobian_regularizer
+from ..estimators import check_settings, settings_from
+from ..objectives import REGULARIZER_OPTIONS, jacobian_regularizer
 
-# Keyword options of jacobian_regularizer the module holds (x and the generator are per call/run).
-OPTIONS = {name: p.default for name, p in inspect.signature(jacobian_regularizer).parameters.items()
-           if p.kind is p.KEYWORD_ONLY and name not in ("x", "generator")}
+# Keyword options of jacobian_regularizer the module holds (the generator is per run, not saved).
+OPTIONS = {name: default for name, default in REGULARIZER_OPTIONS.items() if name != "generator"}
 STATE_VERSION = 1
 _CUSTOM = "__custom__"  # marks an option value that cannot be saved
 
@@ -82,10 +81,9 @@ class JacobianRegularizer(nn.Module):
         self._configure({**OPTIONS, **options})
 
     def _configure(self, options: dict) -> None:
-        settings = Settings(**{k: options[k] for k in Settings.__dataclass_fields__ if k in options})
+        settings, observation, _ = settings_from(options, OPTIONS, "JacobianRegularizer")
         check_settings(settings)
-        check.choice("reduction", options["reduction"], REDUCTIONS)
-        observations.get(options["observation"])
+        observations.get(observation)
         for name in OPTIONS:
             setattr(self, name, options[name])
 
@@ -94,10 +92,13 @@ class JacobianRegularizer(nn.Module):
         """The current keyword options passed to :func:`fastjac.jacobian_regularizer`."""
         return {name: getattr(self, name) for name in OPTIONS}
 
-    def forward(self, decoder: Callable, z: Tensor, x: Optional[Tensor] = None) -> Tensor:
-        """decoder: callable (B, d) -> (B, *out); z: (B, d); x: (B, *out) where w needs it.
-        Returns a scalar, or (B,) for reduction="none"."""
-        return jacobian_regularizer(decoder, z, self.beta, x=x, generator=self.generator, **self.options)
+    def forward(self, decoder: Callable, z: Tensor, x: Optional[Tensor] = None, *,
+                return_output: bool = False):
+        """decoder: callable (B, *latent_shape) -> (B, *out); z: (B, d) or (B, *latent_shape);
+        x: (B, *out) where w needs it. Returns a scalar, or (B,) for reduction="none"; with
+        ``return_output``, (that, decoder output) from the same decoder pass."""
+        return jacobian_regularizer(decoder, z, self.beta, x=x, generator=self.generator,
+                                    return_output=return_output, **self.options)
 
     def get_extra_state(self) -> dict:
         return {"version": STATE_VERSION,
