@@ -14,6 +14,7 @@ whether it comes from an ``nn.Module`` handed in directly, one hidden behind a l
 | ``group_norm`` | exact on contiguous input, but channels-last input (as after attention blocks) fails under vmap; decomposed for one formula with layer/instance norm | decomposed |
 | ``batch_norm``, batch statistics | couples the samples (see docs/maths.md#batch-coupling); in training mode with running statistics its in-place update cannot be traced | decomposed with a ``BatchCouplingWarning``, or ``ValueError`` naming the fix |
 | ``scaled_dot_product_attention`` | the CPU flash kernel has no forward-AD formula (``NotImplementedError``) | math decomposition: softmax(QKᵀ·s + mask) V |
+| ``multi_head_attention_forward`` | a Python-level function: a ``TorchFunctionMode`` does not see the calls inside it, and with ``need_weights=False`` it calls the flash kernel above | run with ``need_weights=True`` (explicit softmax(QKᵀ) V, the same numbers); the weights are dropped when not asked for |
 | ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path | ``_transformer_encoder_layer_fwd`` / ``_native_multi_head_attention`` have no forward-AD formula | fast path disabled within the block |
 
 An op with no forward-AD formula and no rule makes :func:`fastjac.jacobian_columns` fall back
@@ -23,6 +24,7 @@ so the rule can be dropped.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from contextlib import contextmanager
@@ -115,6 +117,18 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     return weights @ value
 
 
+_MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
+
+
+def multi_head_attention_forward(*args, **kwargs):
+    """``F.multi_head_attention_forward`` on its explicit-weights path (see the table above)."""
+    bound = _MHA_SIGNATURE.bind(*args, **kwargs)
+    wanted = bound.arguments.get("need_weights", True)
+    bound.arguments["need_weights"] = True
+    out, weights = F.multi_head_attention_forward(*bound.args, **bound.kwargs)
+    return out, (weights if wanted else None)
+
+
 def _torch_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, *_):
     return instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
@@ -129,11 +143,17 @@ RULES: dict = {
     F.instance_norm: instance_norm, torch.instance_norm: _torch_instance_norm,
     F.batch_norm: batch_norm, torch.batch_norm: _torch_batch_norm,
     F.scaled_dot_product_attention: scaled_dot_product_attention,
+    F.multi_head_attention_forward: multi_head_attention_forward,
 }
 
 
 class ColumnRules(TorchFunctionMode):
-    """Runs the replacement from :data:`RULES` for the calls listed there (see the module notes)."""
+    """Runs the replacement from :data:`RULES` for the calls listed there (see the module notes).
+
+    A torch function written in Python runs its body with the mode off (torch pops a mode
+    while it handles a call), so the table lists the one such function in torch 2.13 whose
+    body calls a ruled op (``multi_head_attention_forward``; ``tests/test_rules.py`` checks
+    that no other function of ``torch.nn.functional`` does)."""
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
         rule = RULES.get(func, func)

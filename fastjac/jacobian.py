@@ -60,7 +60,7 @@ from torch.func import jvp, vmap
 
 from . import _decoders
 from . import _validation as check
-from ._rules import BatchCouplingWarning, column_rules, refuse_running_statistics_update, updates_running_statistics
+from ._rules import BATCH_FIX, BatchCouplingWarning, column_rules, refuse_running_statistics_update, updates_running_statistics
 
 Selector = Union[None, str, int, Callable[[Any], Tensor]]
 
@@ -211,14 +211,34 @@ def double_vjp_columns(decoder: Callable, output: Selector, z: Tensor, tangents:
     return (out, cols) if keep_graph else (out.detach(), cols.detach())
 
 
-_MISSING_FORMULA = re.compile(r"forward AD with (\S+) that does not support it")
+# torch's errors for an op that forward AD / vmap cannot push a tangent through; group 1 names it
+_NO_TANGENT_RULE = tuple(re.compile(p) for p in (
+    r"forward AD with (\S+) that does not support it",
+    r"(\S+) inside vmap is only supported",
+    r"Batching rule not implemented for (\S+)\.",
+    r"You tried to vmap over (\S+), but it does not have vmap support",
+    r"(autograd\.Function) with functorch transforms",
+    r"(\S+) does not have a jvp",
+))
 _warned_ops: set = set()
 
 
 def _fallback_op(error: Exception) -> Optional[str]:
-    """The op named by torch's "no forward-AD formula" error, or None for any other error."""
-    found = _MISSING_FORMULA.search(str(error))
-    return found.group(1) if found else None
+    """The op named by torch's "no forward-AD / batching rule" errors, or None for any other error."""
+    for pattern in _NO_TANGENT_RULE:
+        found = pattern.search(str(error))
+        if found:
+            return found.group(1)
+    return None
+
+
+def _captured_write(error: Exception) -> Exception:
+    """A clearer error for torch's "in-place write to a captured tensor" inside the tangent pass."""
+    if "would mutate a captured Tensor" not in str(error):
+        return error
+    return ValueError("the decoder writes in place to a tensor it does not take as input, which forward-"
+                      "mode AD cannot trace — typically a BatchNorm layer in training mode updating its "
+                      f"running statistics ({BATCH_FIX}); torch says: {error}")
 
 
 def _push(push, decoder, output, z: Tensor, tangents: Tensor):
@@ -232,14 +252,18 @@ def _push(push, decoder, output, z: Tensor, tangents: Tensor):
     except (NotImplementedError, RuntimeError) as error:
         op = _fallback_op(error)
         if op is None:
-            raise
+            raise _captured_write(error) from error
     if op not in _warned_ops:
         _warned_ops.add(op)
         warnings.warn(f"{op} has no forward-AD formula and no fastjac rule: Jacobian columns are "
                       "computed by the double-VJP method (exact, one reverse pass per column)",
                       ForwardADFallbackWarning, stacklevel=4)
-    with column_rules():
-        return double_vjp_columns(decoder, output, z, tangents)
+    try:
+        with column_rules():
+            return double_vjp_columns(decoder, output, z, tangents)
+    except (NotImplementedError, RuntimeError) as error:
+        raise NotImplementedError(f"{op} has no forward-AD formula, and the double-VJP fallback "
+                                  f"failed too, so fastjac cannot compute its Jacobian columns: {error}") from error
 
 
 def checked_codes(z: Tensor) -> tuple:

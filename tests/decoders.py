@@ -2,6 +2,7 @@
 and image output (B, C, H, W), shaped like App. D's MNIST decoder at toy width."""
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class ConvDecoder(nn.Module):
@@ -30,10 +31,23 @@ def conv_decoder(d, seed=0):
 
 
 def brute_jacobian(decoder, z, create_graph=False):
-    """(B, D, d) by per-sample reverse-mode autograd.functional.jacobian — the slow, obvious way."""
+    """(B, D, d) by per-sample reverse-mode autograd.functional.jacobian — the slow, obvious way.
+    z may be (B, *latent_shape); d = prod(latent_shape). Some torch backward formulas have no
+    batching rule (group_norm's double backward): then one output row at a time. Attention runs
+    torch's own math kernel (the CPU flash kernel has no double backward)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return _brute_jacobian(decoder, z, create_graph)
+
+
+def _brute_jacobian(decoder, z, create_graph):
     rows = []
     for i in range(z.shape[0]):
-        Ji = torch.autograd.functional.jacobian(lambda zi: decoder(zi[None]).reshape(-1), z[i],
-                                                create_graph=create_graph, vectorize=True)
+        def row(zi):
+            return decoder(zi.reshape(1, *z.shape[1:])).reshape(-1)
+        try:
+            Ji = torch.autograd.functional.jacobian(row, z[i].reshape(-1), create_graph=create_graph,
+                                                    vectorize=True)
+        except RuntimeError:
+            Ji = torch.autograd.functional.jacobian(row, z[i].reshape(-1), create_graph=create_graph)
         rows.append(Ji)
     return torch.stack(rows)

@@ -66,3 +66,27 @@ def test_decoder_called_once_per_primal_pass():
 
     jacobian_columns(counted, torch.randn(5, 4, dtype=torch.float64))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_spatial_latents_equal_the_flattened_computation(chunk_size):
+    from fastjac.chunked import recomputed_columns
+    torch.manual_seed(4)
+    conv = torch.nn.Sequential(torch.nn.ConvTranspose2d(2, 3, 4, stride=2, padding=1), torch.nn.GroupNorm(1, 3),
+                               torch.nn.SiLU(), torch.nn.Conv2d(3, 1, 3, padding=1)).double()
+    z = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    flat = lambda v: conv(v.reshape(-1, 2, 3, 3))  # noqa: E731
+    cols = torch.tensor([[0, 17, 5], [9, 2, 11]])
+    V = torch.randn(2, 18, 2, dtype=torch.float64)
+    for kw in ({}, {"columns": cols}, {"directions": V}):
+        out, J = jacobian_columns(conv, z, chunk_size=chunk_size, **kw)
+        out_flat, J_flat = jacobian_columns(flat, z.reshape(2, -1), chunk_size=chunk_size, **kw)
+        assert out.shape == (2, 1, 6, 6) and J.shape == J_flat.shape
+        assert_close("out", out_flat, out)
+        assert_close(f"J {list(kw)}", J_flat, J)
+        g, g_flat = (torch.autograd.grad((A ** 2).sum(), z)[0] for A in (J, J_flat))
+        assert_close("grad z", g_flat, g)
+    _, J_rec = recomputed_columns(conv, z, chunk_size=7)
+    assert_close("recomputed", brute_jacobian(conv, z), J_rec)
+    with pytest.raises(ValueError, match=r"directions must have shape \(B, d, k\) = \(2, 18"):
+        jacobian_columns(conv, z, directions=torch.randn(2, 2, 1, dtype=torch.float64))

@@ -1,12 +1,13 @@
 """Per-sample decoder Jacobians through BatchNorm layers that are in training mode.
 
 A BatchNorm layer normalising with batch statistics couples the samples, so forward-mode
-columns would not be per-sample Jacobians (SPEC §5), and its running-statistics update is an
+columns would not be per-sample Jacobians (docs/maths.md#batch-coupling), and its running-statistics update is an
 in-place write that forward-mode AD cannot trace. Inside :func:`frozen_batch_statistics`
 such layers normalise by the *current batch's* statistics held constant (computed first in
 one no-grad pass), so the outputs are the training-mode ones (up to the unbiased variance)
 while every Jacobian is per sample; afterwards their running averages are updated as one
-training step would have, or left untouched.
+training step would have, or left untouched. Which layers need this is decided by the same
+test the op rules use to refuse them (:func:`fastjac._rules.updates_running_statistics`).
 """
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._rules import updates_running_statistics
 
 
 @contextmanager
 def frozen_batch_statistics(decoder: nn.Module, z: Tensor, *, update_running: bool):
     """Within the block, ``decoder``'s training-mode BatchNorm layers use z's batch statistics
     as constants. ``update_running``: fold those statistics into the running averages after."""
-    layers = [m for m in decoder.modules()
-              if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    layers = [m for m in decoder.modules() if updates_running_statistics(m)]
     if not layers:
         yield
         return
