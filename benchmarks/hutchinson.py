@@ -5,15 +5,16 @@ functions of the number of probes P and of CG iterations k, for d in {16, 64, 12
 
 Decoders (from fastjac.models): the MLP d → 256 → 256 → 784 and the App. D MNIST decoder
 (ConvT stack, ELU, sigmoid; ``--width`` scales its channels so a CPU finishes in minutes;
-``norm="none"`` so every estimator sees the exact per-sample Jacobian, SPEC §5). A Jacobian at
+``norm="none"`` so every estimator sees the exact per-sample Jacobian, docs/maths.md#batch-coupling). A Jacobian at
 random initialisation is tiny (M ≈ I, CG converges in one step), so each decoder is first trained
 for ``--pretrain`` Adam steps of GRAE≈ on the MNIST test images (``--mnist``; random data if absent)
 and the benchmark runs on held-out images, z = encoder(x).
 
 A step is grae_loss (Gaussian, β) forward + backward into the decoder parameters and z; the
 encoder's cost, the same for every estimator, is left out. The rivals (exact, GRAE≈ with one column
-for context, every (P, k)) run interleaved ``--repeats`` times and the time is the best of them
-(the CPU is shared: the minimum is the least disturbed; medians are in the JSON too). Errors are
+for context, every (P, k)) are timed by ``fastjac.bench.timing.interleaved`` (``--repeats`` rounds,
+one call per sample) and the time is the best of them (the CPU is shared: the minimum is the least
+disturbed; medians are in the JSON too). Every timed call's gradient also enters the error. Errors are
 the RMS over the repeats' draws of ‖g − g_exact‖ / ‖·‖ over the decoder parameters and z, relative to the exact *regulariser*
 gradient (``reg_err``) and to the whole loss gradient (``loss_err``); CG runs to ``cg_tol`` or to
 k = cg_max_iter iterations, whichever comes first. "Beats exact at accuracy τ" means the fastest
@@ -23,16 +24,11 @@ crossover is the smallest d of the grid from which on that holds.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
-import json
 import logging
 import math
-import os
-import platform
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastjac import grae_loss, jacobian_regularizer  # noqa: E402
-from fastjac.hutchinson import ConvergenceWarning  # noqa: E402
+from fastjac.bench import results, timing  # noqa: E402
+from fastjac.estimators import hutchinson as cg  # noqa: E402
 from fastjac.models import ConvDecoder, MLPDecoder, MLPEncoder  # noqa: E402
 
 SHAPE = (1, 28, 28)
@@ -88,14 +85,10 @@ class IterationLog(logging.Handler):
         self.counts.append(int(record.args[0]))
 
 
-def step(decoder, z, x, beta, **options):
-    """(seconds, flat gradient over the decoder parameters and z) of one grae_loss step."""
-    params = [*decoder.parameters(), z]
-    start = time.perf_counter()
+def gradient(decoder, z, x, beta, **options):
+    """The flat gradient over the decoder parameters and z of one grae_loss step."""
     loss = grae_loss(decoder, z, x, beta, **options)
-    grads = torch.autograd.grad(loss, params)
-    seconds = time.perf_counter() - start
-    return seconds, torch.cat([g.reshape(-1) for g in grads])
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [*decoder.parameters(), z])])
 
 
 def regularizer_gradient(decoder, z, beta):
@@ -106,7 +99,8 @@ def regularizer_gradient(decoder, z, beta):
 def rivals(args):
     """(name, options) of every estimator setting timed: exact, GRAE≈ for context, the (P, k) grid."""
     out = [("exact", dict(estimator="exact")), ("stochastic", dict(estimator="stochastic"))]
-    out += [("hutchinson_cg", dict(estimator="hutchinson_cg", num_probes=P, cg_max_iter=k, cg_tol=args.cg_tol))
+    out += [(f"hutchinson_cg P={P} k={k}",
+             dict(estimator="hutchinson_cg", num_probes=P, cg_max_iter=k, cg_tol=args.cg_tol))
             for P in args.probes for k in args.iterations]
     return out
 
@@ -122,25 +116,30 @@ def measure(model, d, args, images, log, generator):
     with torch.no_grad():
         z = encoder(held_out).requires_grad_(True)
     reg_norm = float(regularizer_gradient(decoder, z, args.beta).norm())
-    _, exact = step(decoder, z, held_out, args.beta, estimator="exact")  # also the warm-up
+    exact = gradient(decoder, z, held_out, args.beta, estimator="exact")
     settings = rivals(args)
-    times = [[] for _ in settings]
-    errors = [[] for _ in settings]
-    iterations = [[] for _ in settings]
-    for _ in range(args.repeats):  # interleaved, so load from other processes hits every rival alike
-        for i, (_, options) in enumerate(settings):
+    errors = {name: [] for name, _ in settings}
+    iterations = {name: [] for name, _ in settings}
+
+    def timed(name, options):
+        if options["estimator"] != "exact":
+            options = dict(options, generator=generator)
+
+        def run():
             log.counts.clear()
-            options = dict(options, generator=generator) if options["estimator"] != "exact" else options
-            seconds, g = step(decoder, z, held_out, args.beta, **options)
-            times[i].append(seconds)
-            errors[i].append(float((g - exact).norm()))
-            iterations[i] += log.counts
+            errors[name].append(float((gradient(decoder, z, held_out, args.beta, **options) - exact).norm()))
+            iterations[name].extend(log.counts)
+        return run
+
+    samples = timing.interleaved({name: timed(name, options) for name, options in settings},
+                                 repeats=args.repeats, min_repeats=args.repeats, min_sample_s=0.0)
     rows = []
-    for (name, options), t, e, k in zip(settings, times, errors, iterations):
+    for name, options in settings:
+        e, k, t = errors[name], iterations[name], timing.summary(samples[name])
         rms = math.sqrt(sum(v * v for v in e) / len(e))
-        rows.append(dict(model=model, d=d, estimator=name, probes=options.get("num_probes"),
+        rows.append(dict(model=model, d=d, estimator=options["estimator"], probes=options.get("num_probes"),
                          cg_max_iter=options.get("cg_max_iter"), cg_iterations=statistics.mean(k) if k else None,
-                         seconds=min(t), seconds_median=statistics.median(t),
+                         seconds=t["min_s"], seconds_median=t["median_s"],
                          reg_err=rms / reg_norm, loss_err=rms / float(exact.norm())))
     print(f"  {model} d={d}: done", file=sys.stderr, flush=True)
     return rows
@@ -176,15 +175,6 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def write_json(result, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=1)
-    os.chmod(tmp, 0o644)  # mkstemp creates it private
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="mlp,mnist")
@@ -218,22 +208,19 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     images = load_images(args.mnist, 4000, generator)
     log = IterationLog()
-    logger = logging.getLogger("fastjac.hutchinson")
-    logger.addHandler(log)
-    logger.setLevel(logging.DEBUG)
+    cg.logger.addHandler(log)
+    cg.logger.setLevel(logging.DEBUG)
     rows = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # capped k is the point of the sweep
+        warnings.simplefilter("ignore", cg.ConvergenceWarning)  # capped k is the point of the sweep
         for model in args.models:
             for d in args.dims:
                 rows += measure(model, d, args, images, log, generator)
-    result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu"},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/hutchinson.py", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"},
-        "rows": rows, "crossover_d": {key: crossovers(rows, taus, key) for key, taus in targets.items()}}
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
+    result = results.record("benchmarks/hutchinson.py", program="python benchmarks/hutchinson.py", argv=argv,
+                            device="cpu", settings=settings)
+    result.update({
+        "rows": rows, "crossover_d": {key: crossovers(rows, taus, key) for key, taus in targets.items()}})
     print(table(rows))
     print("crossover d (hutchinson_cg faster than exact at error <= τ, from this d of the grid on):")
     for key, by_model in result["crossover_d"].items():
@@ -241,7 +228,7 @@ def main(argv=None) -> int:
             print(f"  {key:8} {model:6}: " + ", ".join(f"τ={t}: {'none in grid' if v is None else v}"
                                                     for t, v in by_tau.items()))
     if args.json:
-        write_json(result, args.json)
+        results.write_json(result, args.json)
     return 0
 
 

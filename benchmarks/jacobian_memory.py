@@ -14,21 +14,20 @@ column throughput against what users write by hand.
    per-sample ``torch.autograd.functional.jacobian`` and ``vmap(jacfwd)``, same run, same machine.
 3. On a GPU: the fused tangent MLP (``fastjac.nn.TangentMLP``) against torch.func for the
    columns plus their backward, B = 256, widths 512–1024, k in {1, 8, 16}.
-Ratios are measured against baselines in the same run; results go to
-``benchmarks/results/jacobian_memory.json`` (written atomically).
+Timing is ``fastjac.bench.timing.interleaved`` (rivals round-robin, best of the repeats: the machine
+may be shared) and the baselines are ``fastjac.bench.baselines``; ratios are measured against
+baselines in the same run; results go to ``benchmarks/results/jacobian_memory.json`` (written
+atomically, with the command and the machine).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import fastjac  # noqa: E402
+from fastjac.bench import baselines, results, timing  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "jacobian_memory.json"
 # glibc's adaptive mmap threshold keeps freed multi-MB tensors in the heap, so RSS would measure
@@ -96,26 +96,14 @@ def memory_part(device: str, B: int, d: int, width: float, chunk: int) -> dict:
 
 
 def best_times(fns: dict, repeat: int, device: str) -> dict:
-    """Best wall-clock time of each function over ``repeat`` rounds; the functions alternate within
-    a round, so a load change on a shared machine hits them alike (synchronised on a GPU)."""
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+    """Best seconds per call of each function over ``repeat`` interleaved rounds (synchronised on a GPU)."""
+    samples = timing.interleaved({name: timing.synchronised(device, fn) for name, fn in fns.items()},
+                                 repeats=repeat, min_repeats=repeat, min_sample_s=0.0)
+    return {name: timing.summary(s)["min_s"] for name, s in samples.items()}
 
 
 def throughput_part(device: str, B: int, d: int, hidden: tuple, repeat: int) -> dict:
     """Columns per second: ours against per-sample autograd.functional.jacobian and vmap(jacfwd)."""
-    from torch.func import jacfwd, vmap
     torch.manual_seed(0)
     layers, width = [], d
     for h in hidden:
@@ -129,13 +117,13 @@ def throughput_part(device: str, B: int, d: int, hidden: tuple, repeat: int) -> 
         return fastjac.jacobian_columns(dec, z)[1]
 
     def per_sample():
-        return [torch.autograd.functional.jacobian(lambda zi: dec(zi), zi) for zi in few]
+        return baselines.jacobian_per_sample(dec, few, create_graph=False)
 
     def vmap_jacfwd():
-        return vmap(jacfwd(dec))(z)
+        return baselines.jacobian_vmap_jacfwd(dec, z)
 
     J = ours()
-    ref = torch.stack(per_sample())
+    ref = per_sample()
     assert torch.allclose(J[: len(few)], ref, rtol=1e-4, atol=1e-6), "columns disagree"
     fast = best_times({"jacobian_columns": ours, "vmap(jacfwd)": vmap_jacfwd}, repeat, device)
     slow = best_times({"jacobian_columns": ours, "per_sample": per_sample}, 2, device)
@@ -172,23 +160,6 @@ def fused_part(repeat: int) -> list:
     return rows
 
 
-def environment() -> dict:
-    env = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
-           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "cuda": torch.version.cuda}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
-
-
-def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=2)
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
-
-
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         device, B, d, width, chunk = sys.argv[2:7]
@@ -209,7 +180,10 @@ def main(argv=None) -> int:
     width, repeat = (0.25, 3) if args.quick else (1.0, 20)  # best of many: the machine may be shared
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    result["environment"] = environment()
+    result.pop("environment", None)  # the machine of results written before the shared harness
+    result.update(results.record("benchmarks/jacobian_memory.py", program="python benchmarks/jacobian_memory.py",
+                                 argv=argv, device="cuda" if "cuda" in devices else "cpu",
+                                 settings={"quick": args.quick, "parts": sorted(parts), "threads": args.threads}))
     for part in parts & {"memory", "throughput", "fused"}:
         result[part] = []
     for device in devices if "memory" in parts else ():
@@ -228,7 +202,7 @@ def main(argv=None) -> int:
         result["fused"] = fused_part(repeat)
         for r in result["fused"]:
             print(f"[cuda] fused tangent MLP {r['hidden']} k={r['k']}: {r['speedup']:.2f}x vs torch.func")
-    write_json(args.out, result)
+    results.write_json(result, args.out)
     print(f"wrote {args.out}")
     return 0
 

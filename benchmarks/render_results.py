@@ -1,95 +1,226 @@
-"""Render README.md's results section from the committed benchmarks/results/*.json.
+"""Render every generated section of README.md and docs/*.md from the committed results files.
 
-    python benchmarks/render_results.py            # rewrite the section in place
-    python benchmarks/render_results.py --check    # exit 1 if the README is out of date
+    python benchmarks/render_results.py            # rewrite the generated sections in place
+    python benchmarks/render_results.py --check    # exit 1 if a section is stale, missing or unknown,
+                                                   # or a results file it is made from is missing
 
-Only the text between ``<!-- section:results ... -->`` and ``<!-- /section:results -->`` changes.
+A generated section is the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``;
+nothing outside those markers is touched. Each NAME has one renderer, a function of a results
+folder returning Markdown that names the command, the machine and the date of the numbers:
+
+- here: ``bench`` (``fastjac bench --json`` files in ``benchmarks/results/``) and ``extension-cpu``
+  (``benchmarks/results/extension_cpu.json``), both in README.md;
+- ``fastjac.experiments.tables.RENDERERS`` (name -> function(results_dir) -> Markdown), reading
+  ``docs/results/``, for the sections of docs/reproduction.md.
+
+Every renderer's section must exist in its home file: ``--check`` fails on a missing one, so a table
+cannot silently stop being generated.
 """
 from __future__ import annotations
 
 import argparse
 import glob
-import json
+import importlib
 import os
 import re
 import sys
 import tempfile
+from dataclasses import dataclass
+from typing import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from fastjac.bench import baselines, results  # noqa: E402
 from fastjac.bench.report import TOOL, markdown  # noqa: E402
 
-SECTION = re.compile(r"(<!-- section:results[^>]*-->\n)(.*?)(<!-- /section:results -->)", re.S)
-
-HOW = """\
-### Speed
-
-`fastjac bench` times every workload beside its baseline in the same run, interleaved, and prints
-medians as ratios (< 1 is faster): operators against autograd through `torch.linalg.cholesky`
-(`naive`), Jacobians against `vmap(jacfwd)` and per-sample `torch.autograd.functional.jacobian`,
-training steps against a plain autoencoder step. On a GPU it also prints each operator's floor
-(bytes over the measured copy bandwidth, flops over the measured matmul peak) and the share reached.
-
-```bash
-fastjac bench                                   # CPU; --device cuda on a GPU; --quick for a smoke run
-fastjac bench --threads 1 --json benchmarks/results/<machine>.json && python benchmarks/render_results.py
-cd benchmarks && asv check --python=same        # the asv suite (benchmarks/benchmarks/bench_*.py) imports
-asv run --python=same --quick                   # every combination once (add --bench REGEX to pick)
-```
-
-The asv suite takes the implementation (`naive`, `torch`, `triton`, `cpp`, `cuda`, `vmap(jacfwd)`,
-`functional.jacobian`) as a parameter so rivals run side by side; combinations this machine cannot
-run are skipped (n/a). asv starts a fresh process for every combination, so `--bench` keeps a
-run short. `asv run --python=same` benchmarks the fastjac importable here (or this checkout);
-`asv continuous main HEAD` compares commits. Models: `mlp` (two hidden layers of 256),
-`mlp_fused` (the same decoder as `fastjac.nn.TangentMLP`), and the App. D `mnist`/`celeba`
-networks of `fastjac.models` with every channel count scaled by `width`; decoder BatchNorm runs
-in eval mode for every rival. On a shared machine `--threads 1` gives steadier ratios.
-
-The tables below were measured on a 2-core CPU (the load average at the start is in each JSON):
-read the ratios, measured side by side, rather than the absolute times.
-"""
+SECTION = re.compile(r"<!-- generated:([\w.-]+) -->\n(.*?)<!-- /generated:\1 -->", re.S)
+OPENING = re.compile(r"<!-- generated:([\w.-]+) -->")
+SCIENCE = "fastjac.experiments.tables"
+RENDERER_COMMAND = "python benchmarks/render_results.py"
+# results written before the baselines were renamed label them "naive"; it is the same code
+LEGACY_LABELS = {"naive": baselines.OPERATOR_LABEL}
 
 
-def render(paths) -> str:
-    parts = [HOW]
-    for path in sorted(paths):
-        with open(path) as f:
-            result = json.load(f)
-        if not _is_bench_result(result):
+@dataclass(frozen=True)
+class Renderer:
+    render: Callable[[str], str]   # results folder -> Markdown
+    home: str                      # the file (relative to the root) that must hold the section
+    results: str                   # the results folder, relative to the root
+
+
+# -- sources -------------------------------------------------------------------------------------
+
+def _bench_command(result: dict, name: str) -> str:
+    if result.get("command"):
+        return result["command"]
+    s, threads = result["settings"], result["machine"].get("torch_threads")
+    argv = ["--device", result["machine"]["device"]] + (["--quick"] if s.get("quick") else [])
+    argv += ["--repeats", str(s["repeats"]), "--threads", str(threads), "--json", f"benchmarks/results/{name}"]
+    return results.command("fastjac bench", argv)
+
+
+def _relabelled(result: dict) -> dict:
+    rows = [dict(r, implementation=LEGACY_LABELS.get(r["implementation"], r["implementation"]))
+            for r in result["rows"]]
+    return dict(result, rows=rows)
+
+
+def bench_tables(folder: str) -> str:
+    """Every ``fastjac bench --json`` file in ``folder``, one table each."""
+    parts = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        result = results.load(path)
+        if not (isinstance(result, dict) and result.get("tool") == TOOL):
             continue  # another tool's results in the same folder
-        parts.append(f"Measured: `{os.path.basename(path)}`\n\n{markdown(result)}\n")
+        name = os.path.basename(path)
+        parts.append(f"Source: `benchmarks/results/{name}`, written by `{_bench_command(result, name)}`.\n\n"
+                     f"{markdown(_relabelled(result))}\n")
+    if not parts:
+        raise FileNotFoundError(f"no `{TOOL} --json` results in {folder}")
     return "\n".join(parts)
 
 
-def _is_bench_result(result) -> bool:
-    """Written by `fastjac bench --json`."""
-    return isinstance(result, dict) and result.get("tool") == TOOL
+EXTENSION_FILE = "extension_cpu.json"
+
+
+def _extension_machine(r: dict) -> tuple[str, str]:
+    if "machine" in r:
+        return results.machine_line(r["machine"]), r["machine"]["date"]
+    load = r.get("load_average_start")
+    m = dict(cpu=r["cpu"], cores=r["cores"], torch_threads=r["torch_threads"], torch=r["torch"],
+             load_average=None if load is None else round(load[0], 2))
+    return results.machine_line(m), r["date"]
+
+
+def _extension_row(x: dict, base: str) -> str:
+    ms = x["ms"]
+    return (f"| {x['dtype']} | {x['B']} | {x['D']} | {x['d']} | {ms[base]:.2f} | {ms['torch']:.2f} | "
+            f"{ms['cpp']:.2f} | {ms[base] / ms['cpp']:.2f}× | {ms['torch'] / ms['cpp']:.2f}× |")
+
+
+def extension_cpu(folder: str) -> str:
+    """The compiled extension's host path against autograd and the torch reference."""
+    path = os.path.join(folder, EXTENSION_FILE)
+    r = results.load(path)
+    machine, date = _extension_machine(r)
+    rows = r["results"]
+    base = "autograd" if "autograd" in rows[0]["ms"] else "naive"
+    command = r.get("command") or f"python benchmarks/extension_cpu.py --json benchmarks/results/{EXTENSION_FILE}"
+    big = [x["ms"][base] / x["ms"]["cpp"] for x in rows if x["B"] == 256]
+    lines = [f"Source: `benchmarks/results/{EXTENSION_FILE}`, written by `{command}` on {machine}, {date}; "
+             "logdet_gram forward+backward, ms, medians of interleaved repeats.", "",
+             "| dtype | B | D | d | autograd (ms) | torch (ms) | cpp (ms) | cpp vs autograd | cpp vs torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [_extension_row(x, base) for x in rows]
+    if big:
+        lines += ["", f"At B = 256 the host path is {min(big):.2f}–{max(big):.2f}× as fast as autograd through "
+                  "`torch.linalg.cholesky`."]
+    return "\n".join(lines)
+
+
+def renderers() -> dict[str, Renderer]:
+    """Every section name -> its renderer: the benchmark ones here and the experiments' tables."""
+    out = {"bench": Renderer(bench_tables, "README.md", "benchmarks/results"),
+           "extension-cpu": Renderer(extension_cpu, "README.md", "benchmarks/results")}
+    for name, fn in _science_renderers().items():
+        out[name] = Renderer(fn, "docs/reproduction.md", "docs/results")
+    return out
+
+
+def _science_renderers() -> dict:
+    try:
+        module = importlib.import_module(SCIENCE)
+    except ModuleNotFoundError as e:
+        if e.name not in (SCIENCE, SCIENCE.rsplit(".", 1)[0]):
+            raise
+        print(f"note: {SCIENCE} does not exist yet; docs/reproduction.md is not rendered", file=sys.stderr)
+        return {}
+    return dict(module.RENDERERS)
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+def documents(root: str) -> list[str]:
+    """README.md and the Markdown under docs/, relative to ``root``."""
+    found = [p for p in ["README.md"] if os.path.exists(os.path.join(root, p))]
+    for path in sorted(glob.glob(os.path.join(root, "docs", "**", "*.md"), recursive=True)):
+        found.append(os.path.relpath(path, root))
+    return found
+
+
+def render_text(text: str, where: str, root: str, table: dict[str, Renderer]) -> tuple[str, list[str]]:
+    """``text`` with every generated section rendered anew, and the problems found."""
+    problems = []
+    opened = OPENING.findall(text)
+    closed = [m.group(1) for m in SECTION.finditer(text)]
+    for name in sorted(set(opened) - set(closed)):
+        problems.append(f"{where}: <!-- generated:{name} --> has no matching <!-- /generated:{name} -->")
+
+    def body(match):
+        name = match.group(1)
+        if name not in table:
+            problems.append(f"{where}: no renderer for section {name!r}")
+            return match.group(0)
+        try:
+            rendered = table[name].render(os.path.join(root, table[name].results)).strip()
+        except FileNotFoundError as e:
+            problems.append(f"{where}: section {name!r}: results file missing ({e})")
+            return match.group(0)
+        note = f"<!-- made by `{RENDERER_COMMAND}`; edit the results, not this text -->"
+        return f"<!-- generated:{name} -->\n{note}\n{rendered}\n<!-- /generated:{name} -->"
+    return SECTION.sub(body, text), problems
+
+
+def _missing_sections(root: str, texts: dict[str, str], table: dict[str, Renderer]) -> list[str]:
+    problems = []
+    for name, renderer in sorted(table.items()):
+        text = texts.get(renderer.home)
+        if text is None or f"<!-- generated:{name} -->" not in text:
+            problems.append(f"{renderer.home}: section {name!r} is missing (add <!-- generated:{name} --> "
+                            f"... <!-- /generated:{name} -->)")
+    return problems
+
+
+def check_and_render(root: str = ROOT, table=None) -> tuple[dict[str, str], list[str]]:
+    """({path: new text} for every document whose sections changed, problems)."""
+    table = renderers() if table is None else table
+    texts, changed, problems = {}, {}, []
+    for path in documents(root):
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            texts[path] = f.read()
+        new, found = render_text(texts[path], path, root, table)
+        problems += found
+        if new != texts[path]:
+            changed[path] = new
+    return changed, problems + _missing_sections(root, texts, table)
+
+
+def _write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(tmp, os.stat(path).st_mode)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="only report whether the README is current")
-    parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
-    parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"),
-                        help="folder of `fastjac bench --json` files")
+    parser.add_argument("--check", action="store_true",
+                        help="change nothing; exit 1 if a generated section is stale, missing or unknown")
+    parser.add_argument("--root", default=ROOT, help="the checkout (default: this one)")
     args = parser.parse_args(argv)
-    with open(args.readme) as f:
-        text = f.read()
-    match = SECTION.search(text)
-    if match is None:
-        raise SystemExit(f"{args.readme} has no <!-- section:results --> ... <!-- /section:results --> markers")
-    body = render(glob.glob(os.path.join(args.results, "*.json")))
-    new = text[:match.start(2)] + body + text[match.end(2):]
+    changed, problems = check_and_render(args.root)
+    for p in problems:
+        print(f"render_results: {p}", file=sys.stderr)
     if args.check:
-        return 0 if new == text else 1
-    folder = os.path.dirname(os.path.abspath(args.readme))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new)
-    os.chmod(tmp, os.stat(args.readme).st_mode)
-    os.replace(tmp, args.readme)
-    return 0
+        for path in changed:
+            print(f"render_results: {path} is stale: run `{RENDERER_COMMAND}`", file=sys.stderr)
+        return 1 if changed or problems else 0
+    for path, text in changed.items():
+        _write(os.path.join(args.root, path), text)
+        print(f"rendered {path}")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

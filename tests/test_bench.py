@@ -4,6 +4,7 @@ Speed itself is never asserted here (it is what ``fastjac bench`` reports); thes
 the baselines are fair (same values as fastjac), that combinations that cannot run say why, that
 ``fastjac bench --quick`` writes a valid ratio table, and that ``asv check`` accepts the suite.
 """
+import argparse
 import json
 import os
 import shutil
@@ -14,40 +15,88 @@ import time
 import pytest
 import torch
 
-from fastjac import jacobian_columns, logdet_gram, hadamard_bound, orthogonality_penalty
-from fastjac.bench import models, naive, report, suites, timing
+from fastjac import column_estimate, hadamard_bound, jacobian_columns, logdet_gram, orthogonality_penalty
+from fastjac.bench import baselines, models, report, results, suites, timing
 from fastjac.bench import workloads as W
-from fastjac.cli import main
+import fastjac.bench
 from tests.utils import assert_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_naive_operators_agree_with_fastjac():
-    J = torch.randn(3, 20, 5, dtype=torch.float64)
-    assert_close("logdet", logdet_gram(J, 0.5), naive.logdet_gram(J, 0.5), 1e-10)
-    assert_close("hadamard", hadamard_bound(J, 0.5), naive.hadamard_bound(J, 0.5), 1e-10)
-    assert_close("ortho", orthogonality_penalty(J), naive.orthogonality(J), 1e-10)
+def _bench(argv):
+    """`fastjac bench ARGV` (the subcommand's own parser, so other subcommands cannot interfere)."""
+    parser = argparse.ArgumentParser(prog="fastjac bench")
+    fastjac.bench.add_arguments(parser)
+    return fastjac.bench.run(parser.parse_args(argv))
 
 
-def test_naive_jacobians_agree_with_jacobian_columns():
+def _grad(f, J):
+    J = J.detach().requires_grad_()
+    value = f(J)
+    (g,) = torch.autograd.grad((value * torch.linspace(1, 2, len(value), dtype=value.dtype)).sum(), J)
+    return value, g
+
+
+OPERATOR_PAIRS = {  # baseline (what a user writes) -> fastjac, on J (B, D, k)
+    "logdet_gram": (lambda J: baselines.logdet_gram(J, 0.5), lambda J: logdet_gram(J, 0.5)),
+    "hadamard_bound": (lambda J: baselines.hadamard_bound(J, 0.5), lambda J: hadamard_bound(J, 0.5)),
+    "column_estimate": (lambda J: baselines.column_estimate(J, 0.5, latent_dim=7),
+                        lambda J: column_estimate(J, 0.5, probabilities=1 / 7)),
+    "orthogonality_penalty": (baselines.orthogonality, orthogonality_penalty),
+}
+
+
+@pytest.mark.parametrize("op", list(OPERATOR_PAIRS))
+def test_baseline_operators_agree_with_fastjac_in_value_and_gradient(op):
+    """A fair race: the baseline computes the same function, forward and backward."""
+    assert set(baselines.OPERATORS) == set(OPERATOR_PAIRS) == set(W.OPERATORS)
+    J = torch.randn(3, 20, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    theirs, ours = OPERATOR_PAIRS[op]
+    v_ref, g_ref = _grad(ours, J)
+    v, g = _grad(theirs, J)
+    assert_close(f"{op} value", v_ref, v, 1e-10)
+    assert_close(f"{op} gradient", g_ref, g, 1e-10)
+    assert float(g_ref.abs().max()) > 0  # the comparison above is not between two zeros
+
+
+def test_baselines_take_half_precision_as_a_user_would():
+    """bfloat16 J is computed in float32 (cholesky needs it), so the result matches the fp32 input."""
+    J = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for name, fn in baselines.OPERATORS.items():
+        kw = {"latent_dim": 4} if name == "column_estimate" else {}
+        args = (J,) if name == "orthogonality_penalty" else (J, 0.5)
+        out = fn(*args, **kw)
+        assert out.dtype == torch.float32, name
+        ref = fn(*((J.float(),) + args[1:]), **kw)
+        assert_close(name, ref, out, 1e-6)
+
+
+def test_baseline_jacobians_agree_with_jacobian_columns():
     dec = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.Tanh(), torch.nn.Linear(6, 4)).double()
     z = torch.randn(2, 3, dtype=torch.float64)
     _, J = jacobian_columns(dec, z)
-    assert_close("vmap(jacfwd)", J, naive.jacobian_vmap_jacfwd(dec, z), 1e-10)
-    assert_close("functional.jacobian", J, naive.jacobian_per_sample(dec, z), 1e-10)
+    assert set(baselines.JACOBIANS) == {"vmap(jacfwd)", "functional.jacobian"}
+    for name, jac in baselines.JACOBIANS.items():
+        assert_close(name, J, jac(dec, z), 1e-10)
+    assert_close("no graph", J, baselines.jacobian_per_sample(dec, z, create_graph=False), 1e-10)
 
 
 @pytest.mark.parametrize("model", ["mlp", "mlp_fused", "mnist"])
-def test_exact_grae_rivals_compute_the_same_loss(model):
-    """The naive exact step (vmap(jacfwd) + Cholesky) and fastjac's optimise the same objective."""
+def test_exact_grae_rivals_compute_the_same_loss_and_gradient(model):
+    """The hand-written exact step (vmap(jacfwd) + Cholesky) and fastjac's optimise the same objective."""
     torch.manual_seed(0)
     m = models.build(model, 3, code_dim=3, width=1 / 16)
     x = models.data(m, 2, device="cpu", generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator()
-    ours = W._loss("grae_exact", "torch", m, 0.5, gen)(x)
-    theirs = W._loss("grae_exact", "vmap(jacfwd)", m, 0.5, gen)(x)
+    params = [p for p in [*m.encoder.parameters(), *m.decoder.parameters()] if p.requires_grad]
+    grads = {}
+    for implementation in ("torch", "vmap(jacfwd)"):
+        loss = W._loss("grae_exact", implementation, m, 0.5, torch.Generator())(x)
+        grads[implementation] = (loss, torch.autograd.grad(loss, params))
+    (ours, g_ours), (theirs, g_theirs) = grads["torch"], grads["vmap(jacfwd)"]
     assert_close("loss", ours, theirs, 1e-4)
+    assert_close("gradient", torch.cat([g.flatten() for g in g_ours]),
+                 torch.cat([g.flatten() for g in g_theirs]), 1e-3)
 
 
 @pytest.mark.parametrize("model", ["mlp", "mlp_fused", "mnist", "celeba"])
@@ -64,22 +113,84 @@ def test_combinations_that_cannot_run_raise_not_implemented():
         W.operator("logdet_gram", "cuda", device="cpu", B=2, D=8, d=2)
     if not torch.cuda.is_available():
         with pytest.raises(NotImplementedError, match="no CUDA device"):
-            W.operator("logdet_gram", "naive", device="cuda", B=2, D=8, d=2)
+            W.operator("logdet_gram", "autograd", device="cuda", B=2, D=8, d=2)
     with pytest.raises(NotImplementedError, match="plain PyTorch"):
         W.training_step("mlp", "ae", "vmap(jacfwd)", device="cpu", B=2, d=2)
     with pytest.raises(NotImplementedError, match="exact GRAE only"):
         W.training_step("mlp", "grae_k1", "functional.jacobian", device="cpu", B=2, d=2)
     with pytest.raises(ValueError, match="op must be one of"):
-        W.operator("frobenius", "naive", device="cpu", B=2, D=8, d=2)
+        W.operator("frobenius", "autograd", device="cpu", B=2, D=8, d=2)
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        W.operator("logdet_gram", "naive", device="cpu", B=2, D=8, d=2)
     with pytest.raises(ValueError, match="objective must be one of"):
         W.training_step("mlp", "vae", "torch", device="cpu", B=2, d=2)
 
 
-def test_interleaved_timing_stops_a_slow_rival_at_its_budget():
-    samples = timing.interleaved({"slow": lambda: time.sleep(0.01), "fast": lambda: None},
-                                 repeats=8, min_repeats=3, budget_s=0.02, min_sample_s=0.0)
-    assert len(samples["slow"]) == 3 and len(samples["fast"]) == 8
-    assert timing.median(samples["slow"]) >= 0.009
+def test_interleaved_timing_is_round_robin_and_stops_a_slow_rival_at_its_budget(monkeypatch):
+    """A fake clock: every call of "slow" takes 10 ms, "fast" 0; the order of calls is recorded."""
+    clock, calls = [0.0], []
+
+    def rival(name, cost):
+        def run():
+            calls.append(name)
+            clock[0] += cost
+        return run
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    samples = timing.interleaved({"slow": rival("slow", 0.01), "fast": rival("fast", 0.0)},
+                                 repeats=8, min_repeats=3, budget_s=0.025, min_sample_s=0.0)
+    assert calls[:2] == ["slow", "fast"]                      # one warm-up each
+    assert calls[2:8] == ["slow", "fast"] * 3                  # then round-robin
+    assert samples["slow"] == [pytest.approx(0.01)] * 3        # stopped once 25 ms were spent
+    assert samples["fast"] == [0.0] * 8
+    assert timing.summary([3.0, 1.0, 2.0]) == {"median_s": 2.0, "min_s": 1.0, "repeats": 3}
+    with pytest.raises(ValueError, match="repeats"):
+        timing.interleaved({"f": lambda: None}, repeats=0)
+
+
+def test_interleaved_timing_batches_fast_calls_into_samples_of_min_sample_s(monkeypatch):
+    clock, count = [0.0], [0]
+
+    def run():
+        count[0] += 1
+        clock[0] += 0.001
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    samples = timing.interleaved({"f": run}, repeats=2, min_sample_s=0.01)
+    assert count[0] == 2 + 2 * 10 and samples["f"] == [pytest.approx(0.001)] * 2
+
+
+def test_report_computes_ratios_targets_and_skips_from_the_samples(monkeypatch):
+    """report.run on fixed samples: ratio to the group's baseline, targets judged, failures listed."""
+    fixed = {"base": [2.0, 2.0, 9.0], "fast": [1.0, 1.0, 1.0], "slow": [5.0, 5.0, 5.0]}
+    monkeypatch.setattr(timing, "interleaved", lambda fns, **kw: {k: fixed[k] for k in fns})
+
+    def unavailable():
+        raise NotImplementedError("not here")
+    work = lambda: W.Workload(run=lambda: None)  # noqa: E731
+    group = suites.Group("operators", "g", suites.Rival("base", work), [
+        suites.Rival("fast", work, (suites.Target("≥ 1.5× faster", speedup=1.5),)),
+        suites.Rival("slow", work, (suites.Target("≤ 2× base", at_most=2.0),)),
+        suites.Rival("missing", unavailable)])
+    rows, skipped = report.run([group], repeats=3, device=torch.device("cpu"), peaks=None, budget_s=1.0)
+    by = {r["implementation"]: r for r in rows}
+    assert [r["implementation"] for r in rows] == ["base", "fast", "slow"]
+    assert by["base"]["baseline"] and not by["fast"]["baseline"]
+    assert by["fast"]["ratio"] == 0.5 and by["slow"]["ratio"] == 2.5
+    assert by["base"]["median_s"] == 2.0 and by["base"]["min_s"] == 2.0 and by["base"]["repeats"] == 3
+    assert by["fast"]["targets"] == [{"text": "≥ 1.5× faster", "ratio": 0.5, "holds": True}]
+    assert by["slow"]["targets"] == [{"text": "≤ 2× base", "ratio": 2.5, "holds": False}]
+    assert skipped == [{"area": "operators", "workload": "g", "implementation": "missing", "reason": "not here"}]
+
+
+def test_results_record_names_the_command_and_machine_and_writes_atomically(tmp_path):
+    r = results.record("t", program="python x.py", argv=["--json", "a b.json"], settings={"k": 1})
+    assert r["tool"] == "t" and r["command"] == "python x.py --json 'a b.json'" and r["settings"] == {"k": 1}
+    assert {"cpu", "cores", "torch_threads", "load_average", "torch", "date", "device"} <= set(r["machine"])
+    path = tmp_path / "sub" / "r.json"
+    results.write_json(r, path)
+    assert results.load(path) == r and os.listdir(path.parent) == ["r.json"]
+    assert (os.stat(path).st_mode & 0o777) == 0o644
+    line = results.machine_line(r["machine"])
+    assert r["machine"]["cpu"] in line and "torch threads" in line
 
 
 def test_targets():
@@ -91,17 +202,18 @@ def test_targets():
 
 def test_quick_bench_writes_a_ratio_table_and_valid_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--repeats", "2", "--json", str(path)]) == 0
+    assert _bench(["--quick", "--repeats", "2", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(path.read_text())
     assert result["tool"] == "fastjac bench"
-    assert {"cpu", "cores", "torch", "date", "device"} <= set(result["machine"])
+    assert {"cpu", "cores", "torch", "date", "device", "load_average"} <= set(result["machine"])
+    assert result["command"] == f"fastjac bench --device cpu --quick --repeats 2 --areas operators,jacobian,training --json {path}"
     rows = result["rows"]
     assert {r["area"] for r in rows} == {"operators", "jacobian", "training"}
     by_group = {}
     for r in rows:
         by_group.setdefault(r["workload"], []).append(r)
-        assert r["median_s"] > 0 and 1 <= r["repeats"] <= 2
+        assert 0 < r["min_s"] <= r["median_s"] and 1 <= r["repeats"] <= 2
     for workload, group in by_group.items():
         base = [r for r in group if r["baseline"]]
         assert len(base) == 1, workload
@@ -113,33 +225,9 @@ def test_quick_bench_writes_a_ratio_table_and_valid_json(tmp_path, capsys):
     assert "ratio" in printed and "plain AE (baseline)" in printed and "GRAE≈ k=1 [torch]" in printed
 
 
-def test_render_results_rewrites_only_its_section(tmp_path):
-    """Renders `fastjac bench --json` files (ignoring other tools' JSON) into its section only."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import render_results
-    finally:
-        sys.path.pop(0)
-    readme = tmp_path / "README.md"
-    before = "# title\n\n<!-- section:other -->\nkeep\n<!-- /section:other -->\n"
-    readme.write_text(before + "<!-- section:results (owned) -->\nold\n<!-- /section:results -->\ntail\n")
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "cpu-x.json").write_text(json.dumps(RESULT))
-    (results / "other-tool.json").write_text(json.dumps({"rows": [], "machine": {"device": "cpu"}}))
-    args = ["--readme", str(readme), "--results", str(results)]
-    assert render_results.main(args + ["--check"]) == 1
-    assert render_results.main(args) == 0
-    text = readme.read_text()
-    assert text.startswith(before) and text.endswith("<!-- /section:results -->\ntail\n")
-    assert "old" not in text and "asv run --python=same --quick" in text
-    assert "`cpu-x.json`" in text and "| w | naive (baseline) |" in text and "other-tool" not in text
-    assert render_results.main(args + ["--check"]) == 0
-
-
 RESULT = {"tool": "fastjac bench", "machine": {"device": "cpu", "card": None, "cpu": "X", "cores": 2, "torch": "2", "date": "d"},
           "settings": {"repeats": 3},
-          "rows": [{"workload": "w", "implementation": "naive", "baseline": True, "median_s": 2e-3,
+          "rows": [{"workload": "w", "implementation": "autograd", "baseline": True, "median_s": 2e-3,
                     "ratio": 1.0, "targets": []},
                    {"workload": "w", "implementation": "torch", "baseline": False, "median_s": 1e-3,
                     "ratio": 0.5, "targets": [{"text": "≥ 1.3× faster", "ratio": 0.5, "holds": True}]}]}
@@ -147,7 +235,7 @@ RESULT = {"tool": "fastjac bench", "machine": {"device": "cpu", "card": None, "c
 
 def test_markdown_table_has_one_row_per_result():
     lines = report.markdown(RESULT).splitlines()
-    assert lines[-2] == "| w | naive (baseline) | 2.00 ms | 1.00 |  |"
+    assert lines[-2] == "| w | autograd (baseline) | 2.00 ms | 1.00 |  |"
     assert lines[-1] == "|  | torch | 1.00 ms | 0.50 | ✓ ≥ 1.3× faster (2.0× faster) |"
 
 

@@ -1,14 +1,18 @@
 """``fastjac bench``: how much faster fastjac is than what you would write, measured here, now.
 
 Every workload is timed beside its baseline in the same run (interleaved, medians of repeats) and
-printed as a ratio: the naive operator (autograd through ``torch.linalg.cholesky``), the full
-Jacobian by ``vmap(jacfwd)`` or per-sample ``torch.autograd.functional.jacobian``, the plain
-autoencoder step. On CUDA each operator row also shows its floor (bytes over the measured copy
+printed as a ratio to what a user writes by hand (:mod:`fastjac.bench.baselines`): the operator
+by autograd through ``torch.linalg.cholesky``, the full Jacobian by ``vmap(jacfwd)`` or per-sample
+``torch.autograd.functional.jacobian``, or the plain autoencoder step. On CUDA each operator row also shows its floor (bytes over the measured copy
 bandwidth, flops over the measured matmul peak) and the fraction of it reached.
 
     fastjac bench [--device cpu|cuda] [--quick] [--json FILE]
 
-The workloads are in :mod:`fastjac.bench.workloads`; the asv suite in ``benchmarks/`` uses them too.
+The harness, shared by ``fastjac bench``, the asv suite (``benchmarks/benchmarks/``) and the studies
+in ``benchmarks/``: :mod:`~fastjac.bench.timing` (the one timer), :mod:`~fastjac.bench.baselines`
+(the hand-written rivals), :mod:`~fastjac.bench.workloads` (one unit of work per area, the
+implementation a parameter), :mod:`~fastjac.bench.suites` (groups of rivals and their targets) and
+:mod:`~fastjac.bench.results` (the machine, the command, the atomic JSON write).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import sys
 
 import torch
 
-from . import report, suites, timing
+from . import report, results, suites, timing
 
 
 def add_arguments(parser) -> None:
@@ -54,11 +58,21 @@ def run(args) -> int:
     rows, skipped = report.run(groups, repeats=repeats, device=device, peaks=peaks, budget_s=args.budget,
                                min_sample_s=0.0 if args.quick else 0.02,
                                progress=lambda s: print(f"  timing {s}", file=sys.stderr, flush=True))
-    result = {"tool": report.TOOL, "machine": report.machine(device),
-              "settings": {"quick": args.quick, "repeats": repeats, "areas": list(areas)},
-              "peaks": None if peaks is None else {"bandwidth": peaks.bandwidth, "flops": peaks.flops},
-              "rows": rows, "skipped": skipped}
+    result = results.record(report.TOOL, program="fastjac bench", argv=_argv(args), device=device,
+                            settings={"quick": args.quick, "repeats": repeats, "areas": list(areas)})
+    result.update(peaks=None if peaks is None else {"bandwidth": peaks.bandwidth, "flops": peaks.flops},
+                  rows=rows, skipped=skipped)
     print(report.table(result))
     if args.json:
-        report.write_json(result, args.json)
+        results.write_json(result, args.json)
     return 0
+
+
+def _argv(args) -> list[str]:
+    """The options of this run, spelled as on the command line (for the results file)."""
+    argv = ["--device", args.device] + (["--quick"] if args.quick else [])
+    for flag, value in (("--repeats", args.repeats), ("--areas", args.areas), ("--threads", args.threads),
+                        ("--json", args.json)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

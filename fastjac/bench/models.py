@@ -4,7 +4,7 @@
 :class:`fastjac.nn.TangentMLP`, whose Jacobian columns come from the fused tangent_linear op; "mnist" and "celeba": the App. D
 conv architectures with every channel count multiplied by ``width`` (1.0 is the paper's).
 Decoder BatchNorm runs in eval mode in every benchmark, for every rival alike: the per-sample
-Jacobian is exact there (SPEC §5), and the baselines' per-sample ``vmap`` cannot run
+Jacobian is exact there (docs/maths.md#batch-coupling), and the baselines' per-sample ``vmap`` cannot run
 train-mode BatchNorm.
 """
 from __future__ import annotations

@@ -1,46 +1,15 @@
 """Run the groups, and print one table of ratios (and the JSON the README table is made from)."""
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
-import tempfile
 from typing import Optional
 
 import torch
 
 from . import timing
+from .results import machine, machine_line, write_json  # noqa: F401  (part of this module's interface)
 from .suites import Group
 
 TOOL = "fastjac bench"  # marks the JSON this module writes (other tools share benchmarks/results/)
-
-
-def machine(device: torch.device) -> dict:
-    """Where the numbers come from: CPU model and cores, card, CUDA, torch, triton, date."""
-    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "device": device.type, "card": None, "cuda": torch.version.cuda, "triton": None,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if device.type == "cuda":
-        info["card"] = torch.cuda.get_device_name(device)
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(groups: list[Group], *, repeats: int, device: torch.device, peaks: Optional[timing.Peaks],
@@ -66,8 +35,8 @@ def run(groups: list[Group], *, repeats: int, device: torch.device, peaks: Optio
         base = medians[group.baseline.label]
         for label, work in built.items():
             row = {"area": group.area, "workload": group.title, "implementation": label,
-                   "baseline": label == group.baseline.label, "median_s": medians[label],
-                   "repeats": len(samples[label]), "ratio": medians[label] / base, "targets": []}
+                   "baseline": label == group.baseline.label, **timing.summary(samples[label]),
+                   "ratio": medians[label] / base, "targets": []}
             for t in targets[label]:
                 versus = t.versus or group.baseline.label
                 if versus in medians:
@@ -135,29 +104,10 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict, path: str) -> None:
-    """Atomic write: a temporary file in the same folder, then rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(result, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def markdown(result: dict) -> str:
     """The same rows as :func:`table`, as a Markdown table under a line naming the machine."""
     m = result["machine"]
-    where = (f"{m['card']}, CUDA {m['cuda']}" if m["card"]
-             else f"{m['cpu']}, {m['cores']} cores, {m.get('torch_threads')} torch threads")
-    lines = [f"**{m['device']}** — {where}, torch {m['torch']}"
-             + (f", triton {m['triton']}" if m.get("triton") else "") + f", {m['date']} "
+    lines = [f"**{m['device']}** — {machine_line(m)}, {m['date']} "
              f"(medians of up to {result['settings']['repeats']} interleaved repeats)", "",
              "| workload | implementation | median | ratio to baseline | target |", "|---|---|---:|---:|---|"]
     title = None

@@ -77,7 +77,7 @@ def _operator_groups(device, sizes: Sizes):
         for op in W.OPERATORS:
             shape = f"B={B} D={D} " + (f"k=1 of d={d}" if op == "column_estimate" else f"d={d}")
             build = partial(W.operator, op, device=device, B=B, D=D, d=d)
-            yield Group("operators", f"{op} fwd+bwd {shape}", Rival("naive", partial(build, "naive")),
+            yield Group("operators", f"{op} fwd+bwd {shape}", Rival(W.BASELINE, partial(build, W.BASELINE)),
                         [Rival(b, partial(build, b)) for b in W.FASTJAC_BACKENDS])
 
 

@@ -3,7 +3,7 @@
 Each builder returns a :class:`Workload` whose ``run()`` does one unit of work (an operator's
 forward + backward, a Jacobian's forward + backward, one optimiser step) and synchronises on a
 GPU. A combination that cannot run here (a backend not registered or not supporting the input,
-a GPU workload without a GPU, an estimator not in this build) raises ``NotImplementedError``
+a GPU workload without a GPU) raises ``NotImplementedError``
 with the reason: asv skips it, ``fastjac bench`` lists it as skipped. The same builders serve
 the asv suite (``benchmarks/``) and ``fastjac bench``.
 """
@@ -14,17 +14,19 @@ from typing import Callable, Optional
 
 import torch
 
-from .. import objectives, regularizer
+from .. import objectives
 from .._validation import checks as check_values
 from ..jacobian import jacobian_columns
 from ..ops import (_dispatch, column_estimate, hadamard_bound, logdet_gram, orthogonality_penalty)
-from . import models, naive
+from . import baselines, models
+from .timing import synchronised
 
 BETA = 0.5
 FASTJAC_BACKENDS = _dispatch.BACKENDS                      # torch, triton, cpp, cuda
-OPERATOR_IMPLEMENTATIONS = ("naive",) + FASTJAC_BACKENDS
-JACOBIAN_IMPLEMENTATIONS = tuple(naive.JACOBIANS) + ("fastjac",)
-TRAINING_IMPLEMENTATIONS = tuple(naive.JACOBIANS) + FASTJAC_BACKENDS
+BASELINE = baselines.OPERATOR_LABEL                      # "autograd": what a user writes by hand
+OPERATOR_IMPLEMENTATIONS = (BASELINE,) + FASTJAC_BACKENDS
+JACOBIAN_IMPLEMENTATIONS = tuple(baselines.JACOBIANS) + ("fastjac",)
+TRAINING_IMPLEMENTATIONS = tuple(baselines.JACOBIANS) + FASTJAC_BACKENDS
 OPERATORS = ("logdet_gram", "hadamard_bound", "column_estimate", "orthogonality_penalty")
 OBJECTIVES = ("ae", "beta_vae", "grae_k1", "grae_k4", "grae_exact", "grae_exact_chunk4", "grae_hutchinson_cg")
 _EXACT = ("grae_exact", "grae_exact_chunk4")
@@ -59,16 +61,6 @@ def require_backend(op: str, backend: str, device: torch.device, dtype, **sizes)
         raise NotImplementedError(f"backend {backend!r}: {reason}")
 
 
-def _synchronised(device: torch.device, fn: Callable[[], object]) -> Callable[[], None]:
-    if device.type != "cuda":
-        return lambda: (fn(), None)[1]
-
-    def run():
-        fn()
-        torch.cuda.synchronize(device)
-    return run
-
-
 # -- operators ---------------------------------------------------------------------------------
 
 def operator(op: str, implementation: str, *, device: str, B: int, D: int, d: int, k: int = 1,
@@ -83,7 +75,7 @@ def operator(op: str, implementation: str, *, device: str, B: int, D: int, d: in
         raise ValueError(f"implementation must be one of {OPERATOR_IMPLEMENTATIONS}, got {implementation!r}")
     dev = require_device(device)
     cols = k if op == "column_estimate" else d
-    if implementation != "naive":
+    if implementation != BASELINE:
         require_backend(_DISPATCH_OP[op], implementation, dev, dtype, B=B, D=D, d=cols)
     gen = torch.Generator().manual_seed(seed)
     J = (torch.randn(B, D, cols, generator=gen, dtype=dtype) / D ** 0.5).to(dev).requires_grad_()
@@ -96,15 +88,15 @@ def operator(op: str, implementation: str, *, device: str, B: int, D: int, d: in
     # forward reads J; backward reads J and writes ∂/∂J. Gram-type ops: 2·B·D·k² flops each way.
     gram_like = op in ("logdet_gram", "orthogonality_penalty")
     flops = (4 * B * D * cols * cols) if gram_like else 6 * B * D * cols
-    return Workload(_synchronised(dev, step), bytes=3 * B * D * cols * elt, flops=flops)
+    return Workload(synchronised(dev, step), bytes=3 * B * D * cols * elt, flops=flops)
 
 
 def _operator_forward(op, implementation, d):
-    if implementation == "naive":
-        return {"logdet_gram": lambda J: naive.logdet_gram(J, BETA),
-                "hadamard_bound": lambda J: naive.hadamard_bound(J, BETA),
-                "column_estimate": lambda J: naive.column_estimate(J, BETA, latent_dim=d),
-                "orthogonality_penalty": naive.orthogonality}[op]
+    if implementation == BASELINE:
+        return {"logdet_gram": lambda J: baselines.logdet_gram(J, BETA),
+                "hadamard_bound": lambda J: baselines.hadamard_bound(J, BETA),
+                "column_estimate": lambda J: baselines.column_estimate(J, BETA, latent_dim=d),
+                "orthogonality_penalty": baselines.orthogonality}[op]
     b = implementation
     return {"logdet_gram": lambda J: logdet_gram(J, BETA, backend=b),
             "hadamard_bound": lambda J: hadamard_bound(J, BETA, backend=b),
@@ -128,7 +120,7 @@ def jacobian(model: str, implementation: str, *, device: str, B: int, d: int, k:
              width: float = 1.0, seed: int = 0) -> Workload:
     """k Jacobian columns of the decoder (k = d: all) and the backward of Σ J² into its parameters.
 
-    The naive implementations compute the full J and pick the columns, as a user would."""
+    The baselines compute the full J and pick the columns, as a user would."""
     if implementation not in JACOBIAN_IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {JACOBIAN_IMPLEMENTATIONS}, got {implementation!r}")
     dev = require_device(device)
@@ -143,7 +135,7 @@ def jacobian(model: str, implementation: str, *, device: str, B: int, d: int, k:
         def columns_of(zz):
             return jacobian_columns(m.decoder, zz, columns)[1]
     else:
-        full = naive.JACOBIANS[implementation]
+        full = baselines.JACOBIANS[implementation]
 
         def columns_of(zz):
             return _pick(full(m.decoder, zz), columns)
@@ -151,7 +143,7 @@ def jacobian(model: str, implementation: str, *, device: str, B: int, d: int, k:
     def step():
         J = columns_of(z)
         torch.autograd.grad((J * J).sum(), params)
-    return Workload(_synchronised(dev, step))
+    return Workload(synchronised(dev, step))
 
 
 # -- training steps ----------------------------------------------------------------------------
@@ -169,17 +161,15 @@ def _check_training(objective, implementation, dev, B, D, d):
         if implementation != "torch":
             raise NotImplementedError(f"{objective} has no Jacobian: only the plain PyTorch step ('torch')")
         return
-    if implementation in naive.JACOBIANS:
+    if implementation in baselines.JACOBIANS:
         if objective == "grae_hutchinson_cg":
-            raise NotImplementedError("no naive form of the Hutchinson–CG estimator")
+            raise NotImplementedError("no hand-written form of the Hutchinson–CG estimator")
         if objective == "grae_exact_chunk4":
-            raise NotImplementedError("chunking is fastjac's; the naive exact step is 'grae_exact'")
+            raise NotImplementedError("chunking is fastjac's; the hand-written exact step is 'grae_exact'")
         if implementation == "functional.jacobian" and objective != "grae_exact":
             raise NotImplementedError("the per-sample reverse-mode baseline is run for exact GRAE only")
         return
     if objective == "grae_hutchinson_cg":
-        if "hutchinson_cg" not in regularizer.ESTIMATORS:
-            raise NotImplementedError("estimator 'hutchinson_cg' is not in this build")
         if implementation != "torch":
             raise NotImplementedError("hutchinson_cg runs in plain PyTorch only")
         return
@@ -216,7 +206,7 @@ def training_step(model: str, objective: str, implementation: str, *, device: st
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return Workload(_synchronised(dev, step))
+    return Workload(synchronised(dev, step))
 
 
 def _reconstruction(out, x):
@@ -234,16 +224,16 @@ def _loss(objective, implementation, m: models.Model, beta, gen):
             return objectives.beta_vae_loss(dec, h[:, :d], scale, x, beta, generator=gen)
         return loss
     k = _num_columns(objective)
-    if implementation in naive.JACOBIANS:
-        full = naive.JACOBIANS[implementation]
+    if implementation in baselines.JACOBIANS:
+        full = baselines.JACOBIANS[implementation]
 
         def loss(x):
             z = enc(x)
             J = full(dec, z)
             if k is None:
-                R = naive.logdet_gram(J, beta)
+                R = baselines.logdet_gram(J, beta)
             else:
-                R = naive.column_estimate(_pick(J, _columns(len(z), d, k, z.device, gen)), beta, latent_dim=d)
+                R = baselines.column_estimate(_pick(J, _columns(len(z), d, k, z.device, gen)), beta, latent_dim=d)
             return (_reconstruction(dec(z), x) + beta / 2 * (z * z).sum(-1) + beta / 2 * R).mean()
         return loss
     estimator = _ESTIMATOR[objective]

@@ -1,13 +1,18 @@
-"""The baselines: what a user writes without fastjac, in plain PyTorch autograd.
+"""The baselines: what a user writes by hand without fastjac, in plain PyTorch autograd.
 
-Operators on J (B, D, k), β a number:
+Every benchmark times fastjac against these (and reports ratios to them); they are *not* the
+reference implementation fastjac is tested against (that is ``fastjac.ops.<op>.reference``), only
+the code fastjac has to beat. The tests check that they compute the same values.
+
+Operators on J (B, D, k), β a number (half-precision J is cast to float32 first, as
+``torch.linalg.cholesky`` needs):
     logdet_gram      Cholesky of I + JᵀJ/β through ``torch.linalg.cholesky`` (autograd backward)
     hadamard_bound   Σ_j log1p(‖J e_j‖²/β)
     column_estimate  the same over the k drawn columns, scaled by d/k
     orthogonality    mean cos² over column pairs i < j
-Decoder Jacobians (B, D, d):
-    jacobian_vmap_jacfwd    ``vmap(jacfwd(per-sample decoder))``
-    jacobian_per_sample     a Python loop of ``torch.autograd.functional.jacobian`` (reverse mode, D passes)
+Decoder Jacobians (B, D, d), keys of :data:`JACOBIANS`:
+    "vmap(jacfwd)"          ``vmap(jacfwd(per-sample decoder))``
+    "functional.jacobian"   a Python loop of ``torch.autograd.functional.jacobian`` (reverse mode, D passes)
 """
 from __future__ import annotations
 
@@ -15,8 +20,15 @@ import torch
 from torch import Tensor
 from torch.func import jacfwd, vmap
 
+OPERATOR_LABEL = "autograd"   # the label of these operator baselines in every results table
+
+
+def _working(J: Tensor) -> Tensor:
+    return J.float() if J.dtype in (torch.float16, torch.bfloat16) else J
+
 
 def logdet_gram(J: Tensor, beta: float) -> Tensor:
+    J = _working(J)
     d = J.shape[-1]
     M = torch.eye(d, dtype=J.dtype, device=J.device) + torch.bmm(J.mT, J) / beta
     L = torch.linalg.cholesky(M)
@@ -24,6 +36,7 @@ def logdet_gram(J: Tensor, beta: float) -> Tensor:
 
 
 def hadamard_bound(J: Tensor, beta: float) -> Tensor:
+    J = _working(J)
     return torch.log1p((J * J).sum(1) / beta).sum(-1)
 
 
@@ -32,11 +45,16 @@ def column_estimate(J: Tensor, beta: float, *, latent_dim: int) -> Tensor:
 
 
 def orthogonality(J: Tensor, eps: float = 1e-8) -> Tensor:
+    J = _working(J)
     k = J.shape[-1]
     norms = J.norm(dim=1)
     cos = torch.bmm(J.mT, J) / (norms.unsqueeze(-1) * norms.unsqueeze(-2) + eps)
     upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=J.device), diagonal=1)
     return (cos[:, upper] ** 2).mean(-1)
+
+
+OPERATORS = {"logdet_gram": logdet_gram, "hadamard_bound": hadamard_bound,
+             "column_estimate": column_estimate, "orthogonality_penalty": orthogonality}
 
 
 def _per_sample(decoder):
@@ -48,10 +66,10 @@ def jacobian_vmap_jacfwd(decoder, z: Tensor) -> Tensor:
     return vmap(jacfwd(_per_sample(decoder)))(z)
 
 
-def jacobian_per_sample(decoder, z: Tensor) -> Tensor:
-    """(B, D, d) by reverse mode, one sample at a time (create_graph so training can use it)."""
+def jacobian_per_sample(decoder, z: Tensor, *, create_graph: bool = True) -> Tensor:
+    """(B, D, d) by reverse mode, one sample at a time (``create_graph`` so training can use it)."""
     f = _per_sample(decoder)
-    return torch.stack([torch.autograd.functional.jacobian(f, z_i, create_graph=True) for z_i in z])
+    return torch.stack([torch.autograd.functional.jacobian(f, z_i, create_graph=create_graph) for z_i in z])
 
 
 JACOBIANS = {"vmap(jacfwd)": jacobian_vmap_jacfwd, "functional.jacobian": jacobian_per_sample}
