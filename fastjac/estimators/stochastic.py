@@ -10,6 +10,8 @@ and cos² of that pair is unbiased for the mean over all off-block pairs.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -25,8 +27,10 @@ def draw(high: int, shape, z: Tensor, generator) -> Tensor:
     return torch.randint(high, shape, generator=generator, device=device).to(z.device)
 
 
-def off_block_pairs(d: int, block_size: int, device) -> Tensor:
-    """(pairs, 2) all column pairs i < j that lie in different blocks of ``block_size`` latents."""
+@functools.lru_cache(maxsize=64)
+def off_block_pairs(d: int, block_size: int, device: torch.device) -> Tensor:
+    """(pairs, 2) all column pairs i < j that lie in different blocks of ``block_size`` latents.
+    Cached per (d, b, device): the boolean mask would cost a host round-trip on every step."""
     i, j = torch.triu_indices(d, d, offset=1, device=device)
     keep = (i // block_size) != (j // block_size)
     return torch.stack([i[keep], j[keep]], -1)
@@ -45,7 +49,7 @@ def _block_directions(blocks: Tensor, b: int, eye: Tensor) -> Tensor:
 def _pair_directions(B: int, b: int, z: Tensor, generator, eye: Tensor) -> Tensor:
     """(B, d, 2): one off-block column pair per sample, drawn uniformly."""
     d = eye.shape[0]
-    pairs = off_block_pairs(d, b, z.device)
+    pairs = off_block_pairs(d, b, z.device)  # read-only: shared between calls
     if len(pairs) == 0:
         raise ValueError(f"orthogonality_weight > 0 needs two blocks: block_size {b} >= d = {d}")
     return eye[pairs[draw(len(pairs), (B,), z, generator)]].mT
