@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from .errors import UsageError, writing
+
 MAGIC = b"fastjac-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint file that cannot be used (missing, truncated, corrupted, or not ours)."""
 
 
@@ -33,12 +35,13 @@ def save_checkpoint(state: dict, path) -> None:
     header = b"%s %d %d %s\n" % (MAGIC, VERSION, len(payload), hashlib.sha256(payload).hexdigest().encode())
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -57,7 +60,8 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    data = path.read_bytes()
+    with writing(path, "read"):
+        data = path.read_bytes()
     newline = data.find(b"\n", 0, 256)
     fields = data[:newline].split(b" ") if newline > 0 else []
     if len(fields) != 4 or fields[0] != MAGIC:

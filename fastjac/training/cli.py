@@ -2,16 +2,17 @@
 
     fastjac train --model grae --dataset digits --beta 0.5 --latent-dim 8 --steps 2000 --out runs/grae
     torchrun --nproc_per_node 4 -m fastjac train --model beta-vae --dataset mnist --data-dir DIR ...
+
+Errors the user can fix (settings, paths, data files, a full disk) reach ``fastjac.cli.main``
+as :class:`~fastjac.training.errors.UsageError` and are printed as one line (exit status 2).
 """
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from ..models import ARCHITECTURES, MODELS
 from ..observations import NAMES as OBSERVATIONS
 from ..regularizer import ESTIMATORS
-from .checkpoint import CheckpointError
 from .data import DATASETS
 from .trainer import TrainConfig, train
 
@@ -35,10 +36,12 @@ _HELP = {
     "eval_size": "held-out points evaluated", "eval_samples": "posterior draws for the held-out β-VAE value",
     "checkpoint_every": "atomic checkpoint every N steps", "log_every": "JSON log line every N steps",
     "seed": "seed of initialisation, data order and draws", "device": "auto | cpu | cuda | cuda:N",
-    "threads": "CPU threads for torch (1 is fastest on a shared CPU; default: torch's choice)",
+    "threads": "CPU threads for torch (default: the idle cores, at most 4; 1 per process under torchrun)",
     "crop": "CelebA center-crop side in pixels (default: the shorter side)",
     "resume": "continue the run in --out exactly where its last checkpoint left it",
     "progress": "no progress line on stderr",
+    "ddp_timeout": "seconds a process waits for the others in a collective before it stops (torchrun)",
+    "overwrite": "replace the run already in --out (its checkpoint, log, grid and config)",
 }
 _CHOICES = {"model": MODELS, "dataset": DATASETS, "architecture": ARCHITECTURES, "norm": ("batch", "none"),
             "estimator": tuple(ESTIMATORS), "observation": tuple(OBSERVATIONS)}
@@ -65,12 +68,12 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    try:
-        summary = train(cfg)
-    except (ValueError, CheckpointError) as e:
-        print(f"fastjac train: error: {e}", file=sys.stderr)
-        return 2
+    summary = train(cfg)
     if summary["rank"] != 0:
+        return 0
+    if summary["already_finished"]:
+        print(f"the run in {summary['out']} is already finished: its checkpoint is at step {summary['step']} "
+              f"(--steps {cfg.steps}); pass a larger --steps with --resume to train it further")
         return 0
     if summary["seconds_per_step"] is not None:
         print(f"{cfg.model} on {cfg.dataset}: {summary['step']} steps, "

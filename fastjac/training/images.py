@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import writing
+
 
 def image_grid(rows: Sequence[Tensor], *, pad: int = 2, min_size: int = 32) -> np.ndarray:
     """Rows of (n, C, H, W) images in [0, 1] -> one uint8 array (H', W', 3); small images are
@@ -33,5 +35,10 @@ def save_png(array: np.ndarray, path) -> None:
     from PIL import Image
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            Image.fromarray(array).save(tmp, format="PNG")
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -4,26 +4,30 @@ checkpoints, exact resumption, DistributedDataParallel.
 Exact resumption. Everything random is a pure function of (seed, step, rank): the batch of a
 step comes from a permutation seeded by (seed, epoch); the draws of the objective (posterior
 noise, GRAE≈ columns) from a generator seeded by (seed, step, rank). A checkpoint therefore only
-needs the step, the model and the optimiser, and a resumed run takes the same steps as an
-uninterrupted one.
+needs the step, the model, the optimiser and the running sums of the log entry in progress, and a
+resumed run takes the same steps (and writes the same log) as an uninterrupted one.
+
+The run folder (:mod:`.runfolder`). The checkpoint is the source of truth: on ``resume`` the log
+is cut back to the checkpoint's step (a line torn by a crash is dropped, with a warning). A new
+run into a folder that holds another one is refused unless ``overwrite``. SIGINT/SIGTERM stop
+the run after the current step with a checkpoint (:mod:`.stopping`).
 
 Distributed. ``batch_size`` is the global batch: each of the N processes takes its share of the
 same global batch. Each process minimises (N / B_global) · Σ_local per-sample loss; DDP
 averages gradients over processes, so the gradient is that of the mean over the global batch,
 whatever the split (the regulariser's per-sample terms included). Logged terms are summed over
 processes before they are averaged. Held-out evaluation, the grid and checkpoints are written
-by rank 0.
+by rank 0. Collectives time out after ``ddp_timeout`` seconds (a dead or stalled peer).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
+import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import warnings
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -33,14 +37,16 @@ from ..models import MODELS, make_autoencoder
 from ..regularizer import ESTIMATORS
 from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DATASETS, load_dataset
+from .data import DATASETS, Dataset, load_dataset
+from .errors import RunWarning, TrainingInterrupted, UsageError
 from .images import image_grid, save_png
+from .runfolder import CHECKPOINT, CONFIG, GRID, LOG, RunFolder  # noqa: F401 (file names, re-exported)
+from .stopping import StopRequests, under_torchrun
 
 DEFAULT_ARCHITECTURE = {"digits": "mlp", "mnist": "mnist", "celeba": "celeba"}
 # Settings a resumed run may change; every other one must match the checkpoint.
 RESUMABLE = {"out", "steps", "eval_every", "eval_size", "eval_samples", "checkpoint_every",
-             "log_every", "device", "threads", "resume", "data_dir", "progress"}
-CHECKPOINT, LOG, GRID, CONFIG = "checkpoint.pt", "log.jsonl", "grid.png", "config.json"
+             "log_every", "device", "threads", "resume", "data_dir", "progress", "ddp_timeout", "overwrite"}
 
 
 @dataclass
@@ -72,10 +78,12 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
-    threads: Optional[int] = None      # CPU threads for torch (default: torch's choice)
+    threads: Optional[int] = None      # CPU threads for torch (default: leave torch's setting)
     crop: Optional[int] = None         # CelebA center-crop side
     resume: bool = False
     progress: bool = True
+    ddp_timeout: float = 600.0         # seconds a collective waits for the other processes
+    overwrite: bool = False            # replace the run already in ``out``
 
 
 def derived_seed(*parts) -> int:
@@ -89,9 +97,9 @@ class BatchOrder:
 
     def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1):
         if global_batch > n:
-            raise ValueError(f"batch_size {global_batch} exceeds the {n} training examples")
+            raise UsageError(f"batch_size {global_batch} exceeds the {n} training examples")
         if global_batch < world:
-            raise ValueError(f"batch_size {global_batch} is smaller than the {world} processes")
+            raise UsageError(f"batch_size {global_batch} is smaller than the {world} processes")
         self.n, self.global_batch, self.seed, self.rank, self.world = n, global_batch, seed, rank, world
         self.per_epoch = n // global_batch
         self._epoch, self._perm = None, None
@@ -108,7 +116,7 @@ class BatchOrder:
 def _check(cfg: TrainConfig) -> None:
     def choice(name, options):
         if getattr(cfg, name) not in options:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {getattr(cfg, name)!r}")
+            raise UsageError(f"{name} must be one of {', '.join(map(repr, options))}; got {getattr(cfg, name)!r}")
     choice("model", MODELS)
     choice("dataset", DATASETS)
     choice("estimator", ESTIMATORS)
@@ -116,15 +124,17 @@ def _check(cfg: TrainConfig) -> None:
     for name in ("latent_dim", "steps", "batch_size", "num_columns", "block_size", "num_samples",
                  "eval_every", "eval_size", "checkpoint_every", "log_every"):
         if not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
+            raise UsageError(f"{name} must be an integer >= 1, got {getattr(cfg, name)!r}")
     if cfg.eval_samples < 2:
-        raise ValueError(f"eval_samples must be >= 2 (for a standard error), got {cfg.eval_samples}")
+        raise UsageError(f"eval_samples must be >= 2 (for a standard error), got {cfg.eval_samples}")
     for name in ("threads", "crop"):
         if getattr(cfg, name) is not None and not (isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1):
-            raise ValueError(f"{name} must be None or an integer >= 1, got {getattr(cfg, name)!r}")
-    for name in ("beta", "lr", "sigma", "width"):
+            raise UsageError(f"{name} must be None or an integer >= 1, got {getattr(cfg, name)!r}")
+    for name in ("beta", "lr", "sigma", "width", "ddp_timeout"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) > 0):
-            raise ValueError(f"{name} must be finite and > 0, got {getattr(cfg, name)!r}")
+            raise UsageError(f"{name} must be finite and > 0, got {getattr(cfg, name)!r}")
+    if cfg.resume and cfg.overwrite:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
 
 
 def build_model(cfg: TrainConfig, data_shape):
@@ -136,22 +146,69 @@ def build_model(cfg: TrainConfig, data_shape):
                             orthogonality_weight=cfg.orthogonality_weight, observation=obs)
 
 
-def _check_resumable(state: dict, cfg: TrainConfig, model, path: Path) -> None:
+def _check_same_settings(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to continue a run whose saved settings differ from ``cfg`` (beyond RESUMABLE)."""
+    now = asdict(cfg)
+    changed = [k for k, v in saved.items() if k not in RESUMABLE and now.get(k) != v]
+    if changed:
+        diffs = ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in changed)
+        raise UsageError(f"--resume: the run in {cfg.out} was started with {diffs}; pass the same "
+                         "settings (or choose another --out)")
+
+
+def _check_resumable(state: dict, cfg: TrainConfig, model, path) -> None:
     """Refuse a checkpoint from another configuration or model before anything is loaded."""
     if not isinstance(state, dict) or not {"step", "config", "model", "optimizer"} <= set(state):
         raise CheckpointError(f"{path} lacks the step/config/model/optimizer entries of a training checkpoint")
-    now = asdict(cfg)
-    changed = [k for k, v in state["config"].items() if k not in RESUMABLE and now.get(k) != v]
-    if changed:
-        diffs = ", ".join(f"{k}={state['config'][k]!r} (now {now.get(k)!r})" for k in changed)
-        raise ValueError(f"--resume: the run in {cfg.out} was started with {diffs}; pass the same "
-                         "settings (or choose another --out)")
+    _check_same_settings(state["config"], cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state["model"].items()}
     if expected != found:
         bad = sorted(set(expected) ^ set(found)) or [k for k in expected if expected[k] != found[k]]
         raise CheckpointError(f"{path} holds a model that does not match this configuration "
                               f"(first differences: {bad[:3]})")
+
+
+class _Window:
+    """The training terms and step times since the last log entry. Checkpoints keep it (summed
+    over processes), so the first entry after a resume averages the same steps as without one."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.sums, self.count, self.seconds, self.steps = {}, 0, 0.0, 0
+
+    def add(self, terms: dict, count: int, seconds: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().sum()
+        self.count, self.seconds, self.steps = self.count + count, self.seconds + seconds, self.steps + 1
+
+    def _totals(self, ctx: distributed.Context) -> dict:
+        keys = sorted(self.sums)
+        count = torch.tensor(float(self.count), device=ctx.device)
+        totals = ctx.sum(torch.stack([self.sums[k] for k in keys] + [count]))
+        return dict(zip(keys + ["count"], totals))
+
+    def mean(self, ctx: distributed.Context) -> dict:
+        """The log entry's terms (averaged over every process's samples); empties the window."""
+        totals = self._totals(ctx)
+        count = float(totals.pop("count"))
+        entry = {"train": {k: float(v) / count for k, v in totals.items()},
+                 "seconds_per_step": self.seconds / self.steps}
+        self.clear()
+        return entry
+
+    def state(self, ctx: distributed.Context) -> dict:
+        """For a checkpoint: the sums over all processes (a collective when there are several)."""
+        totals = self._totals(ctx) if self.steps else {"count": torch.tensor(0.0)}
+        count = int(totals.pop("count"))
+        return {"sums": {k: v.cpu() for k, v in totals.items()}, "count": count,
+                "seconds": self.seconds, "steps": self.steps}
+
+    def load(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count, self.seconds, self.steps = int(state["count"]), float(state["seconds"]), int(state["steps"])
 
 
 class _Progress:
@@ -161,39 +218,24 @@ class _Progress:
         self.total, self.enabled = total, enabled
         self.tty = sys.stderr.isatty()
         self._last = 0.0
+        self.loss, self.seconds = None, None  # known from the first log step on
 
-    def update(self, step: int, loss: Optional[float], seconds: Optional[float], logged: bool) -> None:
+    def update(self, step: int, logged: bool) -> None:
         if not self.enabled or not (logged or (self.tty and time.monotonic() - self._last > 0.2)):
             return
         self._last = time.monotonic()
         done = int(20 * step / self.total)
         line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total}"
-        if loss is not None:  # known from the first log step on
-            eta = seconds * (self.total - step)
-            line += f"  loss {loss:.4g}  {seconds:.4f} s/step  eta {int(eta // 60)}:{int(eta % 60):02d}"
+        if self.loss is not None:
+            eta = self.seconds * (self.total - step)
+            line += f"  loss {self.loss:.4g}  {self.seconds:.4f} s/step  eta {int(eta // 60)}:{int(eta % 60):02d}"
         sys.stderr.write(("\r" + line) if self.tty else line + "\n")
         if self.tty and step == self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
 
-def _log(out: Path, entry: dict) -> None:
-    with open(out / LOG, "a") as f:
-        f.write(json.dumps(entry) + "\n")
-
-
-def _truncate_log(out: Path, step: int) -> None:
-    """Drop entries the interrupted run wrote after its last checkpoint."""
-    path = out / LOG
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{LOG}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
-def evaluate(model, x: torch.Tensor, cfg: TrainConfig, out: Path) -> dict:
+def evaluate(model, x: torch.Tensor, cfg: TrainConfig, grid_path) -> dict:
     """Held-out β-VAE (± s.e.), Taylor and GRAE values, and the PNG grid (rank 0)."""
     was_training = model.training
     model.eval()
@@ -202,104 +244,178 @@ def evaluate(model, x: torch.Tensor, cfg: TrainConfig, out: Path) -> dict:
     with torch.no_grad():
         shown = x[:8]
         rows = [shown, model.reconstruct(shown), model.sample(8, generator=gen), model.sample(8, generator=gen)]
-    save_png(image_grid(rows), out / GRID)
+    save_png(image_grid(rows), grid_path)
     model.train(was_training)
     return {k: float(v) for k, v in o._asdict().items()}
 
 
+@dataclass
+class _Run:
+    """A run in progress: what it was given, what it trains, and where it stands."""
+    cfg: TrainConfig
+    ctx: distributed.Context
+    folder: RunFolder
+    data: Dataset
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    window: _Window = field(default_factory=_Window)
+    last_eval: Optional[dict] = None
+    step_times: list = field(default_factory=list)
+
+    def due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.steps
+
+    def summary(self, **extra) -> dict:
+        timed = self.step_times[1:] or self.step_times  # the first step pays for one-off set-up
+        return {"step": self.step, "out": str(self.folder.path), "eval": self.last_eval, "rank": self.ctx.rank,
+                "seconds_per_step": sum(timed) / len(timed) if timed else None, **extra}
+
+
 def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, torch.nn.Module], None]] = None) -> dict:
-    """Train (or, with ``cfg.resume``, continue) a run in ``cfg.out``; returns a summary.
+    """Train (or, with ``cfg.resume``, continue) a run in ``cfg.out``; returns a summary
+    (``already_finished`` is True when a resumed run had nothing left to do).
 
     ``on_step(step, model)`` is called after every step (after any checkpoint of that step).
+    SIGINT/SIGTERM stop the run after the current step: a checkpoint is written, then
+    :class:`~fastjac.training.errors.TrainingInterrupted` is raised.
 
     Example:
         >>> train(TrainConfig(out="runs/grae", model="grae", dataset="digits", steps=2000))
     """
     _check(cfg)
+    threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    ctx = distributed.setup(cfg.device)
+    ctx = distributed.setup(cfg.device, timeout_s=cfg.ddp_timeout)
     try:
-        return _train(cfg, ctx, on_step)
+        with StopRequests(watch_parent=under_torchrun()) as stop:
+            run = _start(cfg, ctx)
+            if run.step >= cfg.steps:
+                return run.summary(already_finished=True)
+            _loop(run, stop, on_step)
+            return run.summary(already_finished=False)
     finally:
         ctx.close()
+        torch.set_num_threads(threads)
 
 
-def _train(cfg: TrainConfig, ctx: distributed.Context, on_step) -> dict:
-    out = Path(cfg.out)
+def _start(cfg: TrainConfig, ctx: distributed.Context) -> _Run:
+    """Folder, data, model and optimiser; the checkpoint's state when resuming."""
+    folder = RunFolder(cfg.out)
     if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    ctx.barrier()
-    if not cfg.resume and (out / CHECKPOINT).exists():
-        raise ValueError(f"{out} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
-                         "or choose another --out")
+        folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+    with ctx.peers("start-up"):
+        ctx.barrier()
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, crop=cfg.crop)
     torch.manual_seed(derived_seed(cfg.seed, "init"))
-    model = build_model(cfg, data.shape).to(ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    step = 0
+    try:
+        model = build_model(cfg, data.shape).to(ctx.device)
+    except ValueError as e:  # the settings do not make a model (e.g. an architecture for other data)
+        raise UsageError(f"cannot build the model: {e}") from e
+    run = _Run(cfg, ctx, folder, data, model, torch.optim.Adam(model.parameters(), lr=cfg.lr))
     if cfg.resume:
-        state = load_checkpoint(out / CHECKPOINT)
-        _check_resumable(state, cfg, model, out / CHECKPOINT)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        if ctx.is_main:
-            _truncate_log(out, step)
-    if ctx.is_main:
-        (out / CONFIG).write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-    net = model
+        _resume(run)
+    if run.step < cfg.steps and ctx.is_main:
+        folder.write_config(asdict(cfg))
+    return run
+
+
+def _resume(run: _Run) -> None:
+    """Load the checkpoint (refusing another configuration, or --steps below its step) and cut the
+    log back to it; without a checkpoint, restart a run that stopped before its first one."""
+    cfg, folder = run.cfg, run.folder
+    if not folder.checkpoint.exists():
+        saved = folder.read_config()
+        if saved is None:
+            raise CheckpointError(f"--resume: {folder.path} holds no run to continue (no {CHECKPOINT}); "
+                                  "start it without --resume")
+        _check_same_settings(saved, cfg)
+        warnings.warn(f"{folder.checkpoint} was never written (the run stopped before its first "
+                      "checkpoint): starting it again from step 0", RunWarning, stacklevel=3)
+    else:
+        state = load_checkpoint(folder.checkpoint)
+        _check_resumable(state, cfg, run.model, folder.checkpoint)
+        if int(state["step"]) > cfg.steps:
+            raise UsageError(f"--resume: the checkpoint in {folder.path} is at step {int(state['step'])}, beyond "
+                             f"--steps {cfg.steps}; pass --steps {int(state['step'])} or more")
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.step = int(state["step"])
+        if run.ctx.is_main and "window" in state:
+            run.window.load(state["window"], run.ctx.device)
+    if run.ctx.is_main and run.step < cfg.steps:
+        folder.repair_log(run.step)
+
+
+def _loop(run: _Run, stop: StopRequests, on_step) -> None:
+    cfg, ctx = run.cfg, run.ctx
+    net = run.model
     if ctx.world > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
-    held_out = data.test.batch(torch.arange(min(cfg.eval_size, len(data.test)))).to(ctx.device) \
+        net = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
+    order = BatchOrder(len(run.data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    held_out = run.data.test.batch(torch.arange(min(cfg.eval_size, len(run.data.test)))).to(ctx.device) \
         if ctx.is_main else None
-    options = {"num_samples": cfg.num_samples} if cfg.model == "beta-vae" else {}
     progress = _Progress(cfg.steps, cfg.progress and ctx.is_main)
-    sums, count, window, window_steps, step_times, last_eval = {}, 0, 0.0, 0, [], None
-    shown_loss, shown_seconds = None, None  # what the progress line shows between logs
-    model.train()
-    while step < cfg.steps:
-        started = time.perf_counter()
-        x = data.train.batch(order.indices(step)).to(ctx.device)
-        seed = derived_seed(cfg.seed, "step", step, ctx.rank)
-        torch.manual_seed(seed)  # anything the model draws from the global generator
-        terms = net(x, generator=torch.Generator().manual_seed(seed), **options)
-        loss = terms["loss"].sum() * (ctx.world / cfg.batch_size)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-        step += 1
-        step_times.append(time.perf_counter() - started)
-        window, window_steps = window + step_times[-1], window_steps + 1
-        for k, v in terms.items():
-            sums[k] = sums.get(k, 0.0) + v.detach().sum()
-        count += len(x)
-        logged = step % cfg.log_every == 0 or step == cfg.steps
-        if logged:
-            keys = sorted(sums)
-            totals = ctx.sum(torch.stack([sums[k] for k in keys] + [torch.tensor(float(count), device=ctx.device)]))
-            means = {k: float(v) / float(totals[-1]) for k, v in zip(keys, totals[:-1])}
-            shown_loss, shown_seconds = means["loss"], window / window_steps
-            if ctx.is_main:
-                _log(out, {"step": step, "train": means, "seconds_per_step": shown_seconds})
-            sums, count, window, window_steps = {}, 0, 0.0, 0
-        progress.update(step, shown_loss, shown_seconds, logged)
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            if ctx.is_main:
-                last_eval = evaluate(model, held_out, cfg, out)
-                _log(out, {"step": step, "eval": last_eval})
-            ctx.barrier()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            if ctx.is_main:
-                save_checkpoint({"step": step, "config": asdict(cfg), "model": model.state_dict(),
-                                 "optimizer": optimizer.state_dict()}, out / CHECKPOINT)
-            ctx.barrier()
-        if on_step is not None:
-            on_step(step, model)
-    timed = step_times[1:] or step_times  # the first step pays for one-off set-up
-    return {"step": step, "out": str(out), "eval": last_eval, "rank": ctx.rank,
-            "seconds_per_step": sum(timed) / len(timed) if timed else None}
+    run.model.train()
+    with ctx.peers("training"):
+        while run.step < cfg.steps:
+            _step(run, net, order)
+            stopping = ctx.any(stop.signal is not None)
+            _record(run, held_out, progress, checkpoint=stopping)
+            if on_step is not None:
+                on_step(run.step, run.model)
+            if stopping:
+                raise _interrupted(run, stop.signal or signal.SIGTERM)
+
+
+def _step(run: _Run, net, order: BatchOrder) -> None:
+    """One Adam step on this process's share of the global batch."""
+    cfg, ctx = run.cfg, run.ctx
+    started = time.perf_counter()
+    x = run.data.train.batch(order.indices(run.step)).to(ctx.device)
+    seed = derived_seed(cfg.seed, "step", run.step, ctx.rank)
+    torch.manual_seed(seed)  # anything the model draws from the global generator
+    options = {"num_samples": cfg.num_samples} if cfg.model == "beta-vae" else {}
+    terms = net(x, generator=torch.Generator().manual_seed(seed), **options)
+    loss = terms["loss"].sum() * (ctx.world / cfg.batch_size)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    run.step += 1
+    run.step_times.append(time.perf_counter() - started)
+    run.window.add(terms, len(x), run.step_times[-1])
+
+
+def _record(run: _Run, held_out, progress: _Progress, *, checkpoint: bool) -> None:
+    """After a step: the log entry, the progress line, the held-out evaluation and the checkpoint
+    that are due (and a checkpoint anyway if ``checkpoint``)."""
+    cfg, ctx, folder = run.cfg, run.ctx, run.folder
+    logged = run.due(cfg.log_every)
+    if logged:
+        entry = run.window.mean(ctx)
+        progress.loss, progress.seconds = entry["train"]["loss"], entry["seconds_per_step"]
+        if ctx.is_main:
+            folder.append_log({"step": run.step, **entry})
+    progress.update(run.step, logged)
+    if run.due(cfg.eval_every):
+        if ctx.is_main:
+            run.last_eval = evaluate(run.model, held_out, cfg, folder.grid)
+            folder.append_log({"step": run.step, "eval": run.last_eval})
+        ctx.barrier()
+    if run.due(cfg.checkpoint_every) or checkpoint:
+        window = run.window.state(ctx)
+        if ctx.is_main:
+            save_checkpoint({"step": run.step, "config": asdict(cfg), "model": run.model.state_dict(),
+                             "optimizer": run.optimizer.state_dict(), "window": window}, folder.checkpoint)
+        ctx.barrier()
+
+
+def _interrupted(run: _Run, signum: int) -> TrainingInterrupted:
+    name = signal.Signals(signum).name
+    return TrainingInterrupted(
+        f"stopped by {name} at step {run.step} of {run.cfg.steps}; checkpoint written to {run.folder.checkpoint}. "
+        "To continue, run the same command again with --resume", step=run.step, signal_number=signum)
