@@ -40,41 +40,42 @@ auto by_dtype(int dtype, F f) {
 
 template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address); }
 
-int64_t factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t beta,
-               int block_size, int64_t L, int64_t logdet) {
+// Host: L holds the Gram matrices (J must be absent); device: the kernel computes them from J.
+void factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t beta,
+            int block_size, int64_t L, int64_t logdet) {
   const Problem p = problem(B, D, d, J, w);
+  if (t.device < 0 && p.J.ptr != 0)
+    throw std::invalid_argument("fastjac._C.factor: the host path reads the Gram matrices from L; pass no J");
   py::gil_scoped_release release;
-  return by_dtype(dtype, [&](auto zero) -> int64_t {
+  by_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    if (t.device >= 0) {
+    if (t.device >= 0)
       fastjac::cuda::factor<T>(p, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.device, t.stream);
-      return -1;
-    }
-    return fastjac::host::factor<T>(p, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.threads);
+    else
+      fastjac::host::factor<T>(B, d, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.threads);
   });
 }
 
-void inverse(int dtype, Target t, int64_t B, int d, int block_size, int64_t L, int64_t out, int64_t trace) {
+void inverse(int dtype, Target t, int64_t B, int d, int block_size, int64_t L, int64_t out) {
   py::gil_scoped_release release;
   by_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
     if (t.device >= 0)
-      fastjac::cuda::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), ptr<T>(trace), t.device, t.stream);
+      fastjac::cuda::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), t.device, t.stream);
     else
-      fastjac::host::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), ptr<T>(trace), t.threads);
+      fastjac::host::inverse<T>(B, d, block_size, ptr<T>(L), ptr<T>(out), t.threads);
   });
 }
 
-void gram_pass(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t gamma,
-               int64_t scale, int64_t grad_J, int64_t grad_w) {
+// Device only: on the host the backward pass over J is torch's matmul.
+void gram_backward(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t gamma,
+                   int64_t grad_J, int64_t grad_w) {
+  if (t.device < 0) throw std::invalid_argument("fastjac._C.gram_backward runs on CUDA tensors only");
   const Problem p = problem(B, D, d, J, w);
   py::gil_scoped_release release;
   by_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    if (t.device >= 0)
-      fastjac::cuda::gram_pass<T>(p, ptr<T>(gamma), ptr<T>(scale), ptr<T>(grad_J), ptr<T>(grad_w), t.device, t.stream);
-    else
-      fastjac::host::gram_pass<T>(p, ptr<T>(gamma), ptr<T>(scale), ptr<T>(grad_J), ptr<T>(grad_w), t.threads);
+    fastjac::cuda::gram_backward<T>(p, ptr<T>(gamma), ptr<T>(grad_J), ptr<T>(grad_w), t.device, t.stream);
   });
 }
 
@@ -86,12 +87,12 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int64_t, int>(), py::arg("device"), py::arg("stream"), py::arg("threads"));
   m.attr("has_cuda") = fastjac::cuda::built();
   m.def("factor", &factor,
-        "L = chol(I + mask*J^T W J/beta) and log det; returns the first failed batch index or -1 (host)",
+        "L = chol(I + mask*G/beta) and log det (NaN where it failed); G from J on CUDA, in L on the host",
         py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
         py::arg("w"), py::arg("beta"), py::arg("block_size"), py::arg("L"), py::arg("logdet"));
-  m.def("inverse", &inverse, "M^-1 = (L L^T)^-1 and its trace", py::arg("dtype"), py::arg("target"),
-        py::arg("B"), py::arg("d"), py::arg("block_size"), py::arg("L"), py::arg("out"), py::arg("trace"));
-  m.def("gram_pass", &gram_pass, "grad_J = 2 W J Gamma s, grad_w = rowsum(J Gamma s * J)", py::arg("dtype"),
-        py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"), py::arg("w"),
-        py::arg("gamma"), py::arg("scale"), py::arg("grad_J"), py::arg("grad_w"));
+  m.def("inverse", &inverse, "M^-1 = (L L^T)^-1", py::arg("dtype"), py::arg("target"),
+        py::arg("B"), py::arg("d"), py::arg("block_size"), py::arg("L"), py::arg("out"));
+  m.def("gram_backward", &gram_backward, "grad_J = 2 W J Gamma, grad_w = rowsum(J Gamma * J) (CUDA)",
+        py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
+        py::arg("w"), py::arg("gamma"), py::arg("grad_J"), py::arg("grad_w"));
 }

@@ -1,7 +1,7 @@
 """What setup.py compiles: the optional extension ``fastjac._C`` from csrc/.
 
 - The host path (C++17, pybind11, no libtorch) is built whenever a C++ compiler works.
-- The CUDA kernels (csrc/cuda/kernels.cu) are added when ``nvcc`` is found; without them
+- The CUDA kernels (csrc/cuda/gram_cholesky.cu) are added when ``nvcc`` is found; without them
   csrc/cuda/stub.cpp is linked, whose entry points say the CUDA path was not built.
 - Nothing compiles: a warning, and the package installs pure Python (``fastjac.info()`` says why).
 
@@ -22,8 +22,8 @@ import warnings
 from setuptools import Extension
 from setuptools.command.build_ext import build_ext
 
-HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/kernels.cpp"]
-CUDA_SOURCE = "csrc/cuda/kernels.cu"
+HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/cholesky_batch.cpp"]
+CUDA_SOURCE = "csrc/cuda/gram_cholesky.cu"
 CUDA_STUB = "csrc/cuda/stub.cpp"
 CXX_FLAGS = ["-std=c++17", "-O3", "-fopenmp-simd", "-fvisibility=hidden"]
 
@@ -111,7 +111,7 @@ class BuildExtension(build_ext):
 
     def _add_cuda_object(self, ext, nvcc):
         os.makedirs(self.build_temp, exist_ok=True)
-        obj = os.path.join(self.build_temp, "fastjac_cuda_kernels.o")
+        obj = os.path.join(self.build_temp, "fastjac_gram_cholesky.o")
         self.spawn(nvcc_command(nvcc, CUDA_SOURCE, obj))
         ext.extra_objects = [obj]
         ext.library_dirs = _cuda_library_dirs(nvcc)
@@ -129,7 +129,7 @@ def check_cuda_sources() -> int:
         return 0 if _switch("FASTJAC_CUDA") is not True else 1
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as tmp:
-        command = nvcc_command(nvcc, os.path.join(root, CUDA_SOURCE), os.path.join(tmp, "kernels.o"))
+        command = nvcc_command(nvcc, os.path.join(root, CUDA_SOURCE), os.path.join(tmp, "gram_cholesky.o"))
         print(" ".join(command))
         return subprocess.run(command).returncode
 

@@ -1,9 +1,14 @@
-"""The operators are custom ops torch.compile can see: ``torch.library.opcheck`` on the
-``fastjac::`` ops of ``fastjac.ops`` (torch backend, and triton where it runs, with the Triton
-backward kernels' own ops), and ``grae_loss`` traced whole by
-``torch.compile(fullgraph=True)`` (a graph break fails the test).
+"""The operators are custom ops torch.compile can see, for EVERY backend.
 
-The compile test uses the ``aot_eager`` backend: it traces exactly what inductor would
+- ``torch.library.opcheck`` on each ``fastjac::`` op of ``fastjac.ops`` through each backend
+  (forward, backward, fake), and on the traceable ops the backends' backward passes call.
+- ``torch.compile(fullgraph=True)`` of ``grae_loss`` forward + backward (a graph break fails the
+  test) for each backend and estimator, and on the default CPU backend ("auto", which takes
+  "cpp" when the extension is built).
+
+A backend that cannot run here (Triton without the interpreter or a GPU, the extension not
+built, no CUDA device) is reported as a SKIP with its reason, never dropped from the list.
+The compile tests use the ``aot_eager`` backend: it traces exactly what inductor would
 (dynamo, fake tensors, AOT autograd through register_fake/register_autograd) without
 spending a minute generating C++ on this CPU.
 """
@@ -15,54 +20,79 @@ from fastjac.ops import _dispatch
 from utils import assert_close, mlp_decoder
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPS = ("logdet_gram", "column_estimate", "orthogonality_penalty")
 
 
-def _backends():
-    triton_ok = (_dispatch.availability()["triton"] is None
-                 and _dispatch.implementation("logdet_gram", "triton").supports(
-                     device_type=torch.device(DEVICE).type, dtype=torch.float32, B=2, D=9, d=3) is None)
-    return ["torch"] + (["triton"] if triton_ok else [])
+def _unavailable(op, backend):
+    """None when ``backend`` computes ``op`` on this machine, else why not."""
+    if backend not in _dispatch.operators().get(op, ()):
+        return f"{backend}: {_dispatch.availability()[backend] or f'no {backend} implementation of {op}'}"
+    return _dispatch.implementation(op, backend).supports(
+        device_type=torch.device(DEVICE).type, dtype=torch.float32, B=2, D=9, d=3)
 
 
-def _samples(backend):
-    """(op name, args) for every fastjac:: op, weighted and not, inputs requiring grad; with
-    the triton backend also the kernels its backward passes call as custom ops."""
+def _param(op, backend, *values):
+    reason = _unavailable(op, backend)
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
+    return pytest.param(backend, *values, marks=marks, id="-".join(map(str, (backend, *values))))
+
+
+def _inputs():
     g = torch.Generator().manual_seed(0)
     J = torch.randn(2, 9, 3, generator=g).to(DEVICE).requires_grad_()
     w = (torch.rand(2, 9, generator=g) + 0.1).to(DEVICE).requires_grad_()
     beta = torch.tensor(0.7, device=DEVICE, requires_grad=True)
     scale = torch.rand(2, 3, generator=g).to(DEVICE)
+    return J, w, beta, scale
+
+
+def _samples(op, backend):
+    """Arguments of ``fastjac::<op>`` through ``backend``, weighted and not, inputs requiring grad."""
+    J, w, beta, scale = _inputs()
     for weights in (None, w):
-        yield "logdet_gram", (J, weights, beta, 2, backend)
-        yield "posterior_covariance", (J, weights, beta, backend)
-        yield "column_estimate", (J, weights, beta, scale, backend)
-        yield "orthogonality_penalty", (J, weights, 1, 1e-8, backend)
-        if backend == "triton":  # internal, not differentiable: detached inputs
-            Jd, wd = J.detach(), None if weights is None else weights.detach()
-            C = Jd.mT @ Jd  # any (B, k, k) fp32 is a valid Γ or Gram operand
-            yield "triton_gram", (Jd, wd, False)
-            yield "triton_gram", (Jd, wd, True)
-            yield "triton_apply_gamma", (Jd, wd, C, True, wd is not None)
-            yield "triton_orthogonality_cosines", (C, None, 1, 1e-8)
-            yield "triton_orthogonality_cosines", (C, torch.randn(2, generator=g).to(DEVICE), 2, 1e-8)
+        if op == "logdet_gram":
+            yield J, weights, beta, 2, backend   # Fischer blocks
+            yield J, weights, beta, 3, backend   # exact (and Σ* = its second output)
+        elif op == "column_estimate":
+            yield J, weights, beta, scale, backend
+            yield J, weights, beta, None, backend
+        else:
+            yield J, weights, 1, 1e-8, backend
 
 
-def _cases():
-    for backend in _backends():
-        for name in sorted({name for name, _ in _samples(backend)}):
-            yield pytest.param(backend, name, id=f"{backend}-{name}")
+@pytest.mark.parametrize("backend,op", [_param(op, b, op) for op in OPS for b in _dispatch.BACKENDS])
+def test_opcheck(backend, op):
+    for args in _samples(op, backend):
+        torch.library.opcheck(getattr(torch.ops.fastjac, op).default, args)
 
 
-@pytest.mark.parametrize("backend,name", _cases())
-def test_opcheck(backend, name):
-    for sample_name, args in _samples(backend):
-        if sample_name == name:
-            torch.library.opcheck(getattr(torch.ops.fastjac, name).default, args)
+@pytest.mark.parametrize("backend", [_param("logdet_gram", b) for b in _dispatch.BACKENDS])
+def test_opcheck_gram_backward(backend):
+    """The backend's one pass over J, as traced inside every backward (a custom op, or torch ops)."""
+    J, w, _beta, _scale = _inputs()
+    apply_gamma = _dispatch.implementation("logdet_gram", backend).gram_backward
+    Jd, wd = J.detach(), w.detach()
+    gamma = Jd.mT @ Jd  # any symmetric (B, k, k) is a valid Γ
+    for weights in (None, wd):
+        for need_J, need_w in ((True, True), (True, False), (False, True)):
+            got = apply_gamma(Jd, weights, gamma, need_J, need_w)
+            want = fastjac.ops._gram.gram_backward(Jd.double(), None if weights is None else weights.double(),
+                                                  gamma.double(), need_J, need_w)
+            for name, g, r in zip(("grad_J", "grad_w"), got, want):
+                assert (g is None) == (r is None), name
+                if g is not None:
+                    assert_close(name, r, g.double(), rtol=1e-4)
+    for name in ("triton_gram_backward", "cuda_gram_backward"):
+        if backend in name:
+            op = getattr(torch.ops.fastjac, name).default
+            torch.library.opcheck(op, (Jd, wd, gamma, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("estimator", ["exact", "stochastic"])
-def test_grae_loss_compiles_without_graph_breaks(estimator, backend):
+ESTIMATORS = {"exact": "logdet_gram", "fischer": "logdet_gram", "hadamard": "column_estimate",
+              "stochastic": "column_estimate"}
+
+
+def _compile_and_compare(estimator, backend, **options):
     torch._dynamo.reset()
     decoder = mlp_decoder(4, 12, hidden=16, dtype=torch.float32).to(DEVICE)
     g = torch.Generator().manual_seed(0)
@@ -70,7 +100,7 @@ def test_grae_loss_compiles_without_graph_breaks(estimator, backend):
     x = torch.randn(3, 12, generator=g).to(DEVICE)
 
     def loss(z, x):
-        return fastjac.grae_loss(decoder, z, x, 0.5, estimator=estimator, backend=backend)
+        return fastjac.grae_loss(decoder, z, x, 0.5, estimator=estimator, backend=backend, **options)
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     results = []
@@ -83,3 +113,26 @@ def test_grae_loss_compiles_without_graph_breaks(estimator, backend):
     (got, got_dz), (want, want_dz) = results
     assert_close("loss", want, got, rtol=1e-5)
     assert_close("dz", want_dz, got_dz, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,estimator",
+                         [_param(op, b, est) for est, op in ESTIMATORS.items() for b in _dispatch.BACKENDS])
+def test_grae_loss_compiles_without_graph_breaks(estimator, backend):
+    options = {"block_size": 2} if estimator == "fischer" else {}
+    _compile_and_compare(estimator, backend, **options)
+
+
+@pytest.mark.parametrize("backend", [_param("orthogonality_penalty", b) for b in _dispatch.BACKENDS])
+def test_orthogonality_term_compiles(backend):
+    _compile_and_compare("hadamard", backend, orthogonality_weight=0.3)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the default CPU backend is asked about")
+def test_exact_regulariser_compiles_on_the_default_cpu_backend():
+    """Issue: compiling the exact regulariser failed by default on the CPU, because "auto"
+    takes the cpp backend there and its backward called the extension on fake tensors."""
+    J = torch.randn(3, 12, 4)
+    default = _dispatch.resolve("logdet_gram", "auto", J, B=3, D=12, d=4)
+    if _dispatch.availability()["cpp"] is None:
+        assert default == "cpp"
+    _compile_and_compare("exact", "auto")

@@ -19,13 +19,6 @@ if _extension.module is not None:
 AWKWARD_D = (1, 2, 3, 17, 64, 128, 256)
 
 
-@pytest.fixture(params=["cpp-passes", "torch-matmul"])
-def host_passes(request, monkeypatch):
-    """Run the host backend with its passes over J in C++, and with torch's matmul."""
-    monkeypatch.setattr(extension, "HOST_MATMUL_MIN_D", 10**9 if request.param == "cpp-passes" else 0)
-    return request.param
-
-
 def operands(B, D, d, dtype, seed=0, weighted=True):
     g = torch.Generator().manual_seed(seed)
     J = (torch.randn(B, D, d, generator=g, dtype=torch.float64) / D ** 0.5).to(dtype)
@@ -35,8 +28,7 @@ def operands(B, D, d, dtype, seed=0, weighted=True):
 
 def reference_values(J, w, beta, block_size):
     J64, w64 = J.double(), None if w is None else w.double()
-    logdet, L = reference.forward(J64, w64, beta.double(), block_size)
-    return logdet, torch.cholesky_inverse(L)
+    return reference.forward(J64, w64, beta.double(), block_size)
 
 
 def grads(fn, J, w, beta, backend):
@@ -50,7 +42,7 @@ def grads(fn, J, w, beta, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("d", AWKWARD_D)
-def test_logdet_matches_float64_reference(d, dtype, host_passes):
+def test_logdet_matches_float64_reference(d, dtype):
     J, w, beta = operands(3, 40, d, dtype, seed=d)
     ref, _ = reference_values(J, w, beta, d)
     out = fastjac.logdet_gram(J, beta.to(dtype), weights=w, backend="cpp")
@@ -60,7 +52,7 @@ def test_logdet_matches_float64_reference(d, dtype, host_passes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("d", (1, 3, 17, 64, 128))
-def test_gradients_match_float64_reference(d, dtype, host_passes):
+def test_gradients_match_float64_reference(d, dtype):
     J, w, beta = operands(2, 30, d, dtype, seed=d)
     ref = grads(fastjac.logdet_gram, J.double(), w.double(), beta, "torch")
     out = grads(fastjac.logdet_gram, J, w, beta.to(dtype), "cpp")
@@ -70,7 +62,7 @@ def test_gradients_match_float64_reference(d, dtype, host_passes):
 
 
 @pytest.mark.parametrize("d,block_size", [(5, 1), (7, 3), (17, 4), (64, 16), (9, 9)])
-def test_fischer_blocks_and_gradients(d, block_size, host_passes):
+def test_fischer_blocks_and_gradients(d, block_size):
     J, w, beta = operands(3, 25, d, torch.float64, seed=block_size)
     ref, _ = reference.forward(J, w, beta, block_size)
     out = fastjac.fischer_bound(J, beta, block_size=block_size, weights=w, backend="cpp")
@@ -82,7 +74,7 @@ def test_fischer_blocks_and_gradients(d, block_size, host_passes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("d", (1, 17, 128))
-def test_posterior_covariance_and_gradients(d, dtype, host_passes):
+def test_posterior_covariance_and_gradients(d, dtype):
     J, w, beta = operands(2, 30, d, dtype, seed=d + 1)
     _, sigma_ref = reference_values(J, w, beta, d)
     sigma = fastjac.optimal_posterior_covariance(J, beta.to(dtype), weights=w, backend="cpp")
@@ -94,7 +86,7 @@ def test_posterior_covariance_and_gradients(d, dtype, host_passes):
 
 
 @pytest.mark.parametrize("op", ["logdet", "fischer", "covariance"])
-def test_gradcheck_through_autograd_wrapper(op, host_passes):
+def test_gradcheck_through_autograd_wrapper(op):
     J, w, beta = operands(2, 6, 4, torch.float64, seed=3)
     fn = {"logdet": lambda J, w, b: fastjac.logdet_gram(J, b, weights=w, backend="cpp"),
           "fischer": lambda J, w, b: fastjac.fischer_bound(J, b, block_size=3, weights=w, backend="cpp"),
@@ -114,7 +106,7 @@ def test_unweighted_and_half_inputs():
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "offset"])
-def test_strided_inputs_give_the_contiguous_result(layout, host_passes):
+def test_strided_inputs_give_the_contiguous_result(layout):
     B, D, d = 3, 20, 9
     g = torch.Generator().manual_seed(5)
     base = torch.randn(B, D + 3, 2 * d + 1, generator=g, dtype=torch.float64) / D ** 0.5
@@ -135,18 +127,31 @@ def test_strided_inputs_give_the_contiguous_result(layout, host_passes):
 
 def test_factorisation_breakdown_raises_not_nan():
     # M = I + 2^40 [[1, 1], [1, 1]]: in float32 1 + 2^40 rounds to 2^40, so the second pivot
-    # is exactly 0. The cpp backend says so (even with value checks off) instead of a NaN.
+    # is exactly 0. With checks on the cpp backend says so, like every backend; with checks
+    # off it leaves the log det NaN (no sync, no misleading message).
     J = torch.zeros(2, 3, 2)
     J[:, 0, :] = 2.0 ** 20
-    with fastjac.checks(False), pytest.raises(ValueError, match="not numerically positive definite.*batch index 0"):
+    with pytest.raises(ValueError, match="ill-conditioned for torch.float32.*float64"):
         fastjac.logdet_gram(J, 1.0, backend="cpp")
+    with fastjac.checks(False):
+        assert torch.isnan(fastjac.logdet_gram(J, 1.0, backend="cpp")).all()
     assert torch.isfinite(fastjac.logdet_gram(J.double(), 1.0, backend="cpp")).all()  # fine in float64
 
 
-def test_batch_offsets_beyond_32_bits(monkeypatch):
+def test_nan_input_with_checks_off_is_not_blamed_on_size():
+    """Checks off: NaN in, NaN out (as the torch backend), never "J is too large"."""
+    J, w, beta = operands(2, 10, 3, torch.float32)
+    J[1, 4, 2] = float("nan")
+    with fastjac.checks(False):
+        out = fastjac.logdet_gram(J, beta.float(), weights=w, backend="cpp")
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+    with pytest.raises(ValueError, match="non-finite"):
+        fastjac.logdet_gram(J, beta.float(), weights=w, backend="cpp")
+
+
+def test_batch_offsets_beyond_32_bits():
     """A batch stride of 2^31 + 8 elements: element offsets overflow int32. The storage is
     reserved (8.6 GB of address space) but only the pages of the two matrices are touched."""
-    monkeypatch.setattr(extension, "HOST_MATMUL_MIN_D", 10**9)  # the C++ passes read the strides
     B, D, d, stride = 2, 16, 5, 2 ** 31 + 8
     try:
         storage = torch.empty(stride + D * d, dtype=torch.float32)

@@ -1,4 +1,4 @@
-// Linked instead of cuda/kernels.cu when the extension is built without CUDA: the device entry
+// Linked instead of cuda/gram_cholesky.cu when the extension is built without CUDA: the device entry
 // points exist but say so.
 #include <stdexcept>
 
@@ -18,8 +18,8 @@ namespace {
 }  // namespace
 
 template <class T> void factor(const Problem&, const T*, int, T*, T*, int, int64_t) { missing(); }
-template <class T> void inverse(int64_t, int, int, const T*, T*, T*, int, int64_t) { missing(); }
-template <class T> void gram_pass(const Problem&, const T*, const T*, T*, T*, int, int64_t) { missing(); }
+template <class T> void inverse(int64_t, int, int, const T*, T*, int, int64_t) { missing(); }
+template <class T> void gram_backward(const Problem&, const T*, T*, T*, int, int64_t) { missing(); }
 
 FASTJAC_CUDA_INSTANTIATE(float)
 FASTJAC_CUDA_INSTANTIATE(double)

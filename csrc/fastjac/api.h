@@ -1,5 +1,5 @@
-// The entry points the bindings call, for the host (host/kernels.cpp) and, when built, the
-// device (cuda/kernels.cu). No libtorch: tensors arrive as a data address and strides in
+// The entry points the bindings call, for the host (host/cholesky_batch.cpp) and, when built,
+// the device (cuda/gram_cholesky.cu). No libtorch: tensors arrive as a data address and strides in
 // elements; outputs are contiguous arrays the caller allocated.
 #pragma once
 #include <stdint.h>
@@ -20,33 +20,30 @@ struct Problem {  // J (B, D, d) and the optional weights w (B, D)
 };
 
 namespace host {
-// L = chol(I + mask ⊙ JᵀWJ / β) (B, d, d) and log det (B,); returns the first batch index whose
-// factorisation failed (its log det is NaN), or -1. When J is absent (address 0), L already
-// holds the Gram matrices JᵀWJ (computed elsewhere) and is factorised in place.
-template <class T> int64_t factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int threads);
-// out = M⁻¹ = (L Lᵀ)⁻¹ (B, d, d) and trace (B,) (trace may be null).
-template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, T* trace, int threads);
-// grad_J = 2 W J Γ_b s_b (B, D, d), grad_w = rowsum((J Γ_b s_b) ⊙ J) (B, D); either may be
-// null; scale s (B,) null means 1.
-template <class T> void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J,
-                                  T* grad_w, int threads);
+// L holds the Gram matrices JᵀWJ (B, d, d; lower triangle read); overwritten by the lower Cholesky
+// factor of M = I + mask ⊙ G / β, with log det M in logdet (B,): NaN where the factorisation
+// failed (rounding broke positive definiteness, or non-finite input).
+template <class T> void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, int threads);
+// out = M⁻¹ = (L Lᵀ)⁻¹ (B, d, d), block-diagonal for bs < d.
+template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int threads);
 }  // namespace host
 
 namespace cuda {
 bool built();
-// Same contracts, on `device`, enqueued on `stream` (a cudaStream_t as an integer); factor does
-// not synchronise: a failed factorisation leaves log det NaN.
+// The device twins, on `device`, enqueued on `stream` (a cudaStream_t as an integer); nothing
+// synchronises. factor computes the Gram matrices from p.J, p.w itself (fused); gram_backward
+// writes grad_J = 2 W J Γ_b (B, D, d) and grad_w = rowsum((J Γ_b) ⊙ J) (B, D), either may be null.
 template <class T> void factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int device, int64_t stream);
-template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, T* trace, int device, int64_t stream);
-template <class T> void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* grad_w,
-                                  int device, int64_t stream);
+template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int device, int64_t stream);
+template <class T> void gram_backward(const Problem& p, const T* gamma, T* grad_J, T* grad_w, int device,
+                                      int64_t stream);
 }  // namespace cuda
 
-// The device entry points' explicit instantiations, shared by cuda/kernels.cu and cuda/stub.cpp
-// (used inside namespace fastjac::cuda), so the two can never disagree on the signatures.
+// The device entry points' explicit instantiations, shared by cuda/gram_cholesky.cu and
+// cuda/stub.cpp (used inside namespace fastjac::cuda), so the two can never disagree on the signatures.
 #define FASTJAC_CUDA_INSTANTIATE(T)                                                                  \
   template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
-  template void inverse<T>(int64_t, int, int, const T*, T*, T*, int, int64_t);                     \
-  template void gram_pass<T>(const Problem&, const T*, const T*, T*, T*, int, int64_t);
+  template void inverse<T>(int64_t, int, int, const T*, T*, int, int64_t);                         \
+  template void gram_backward<T>(const Problem&, const T*, T*, T*, int, int64_t);
 
 }  // namespace fastjac

@@ -1,7 +1,7 @@
 // One source for host and device (the NVIDIA Warp pattern): functions marked FASTJAC_HD compile
 // as __host__ __device__ under nvcc and as plain C++ otherwise. A "Lanes" object says which
 // share of a loop this caller runs and how to wait for the others: SerialLanes (one host thread
-// does everything) here, BlockLanes (the threads of a CUDA block) in cuda/lanes.cuh.
+// does everything) here, BlockLanes (the threads of a CUDA block) in cuda/gram_cholesky.cu.
 #pragma once
 #include <math.h>
 #include <stdint.h>

@@ -1,6 +1,10 @@
 """One dispatch point for every operator: which backend computes it.
 
-Backends register an :class:`Implementation` per operator; ``resolve`` turns a
+Each operator package registers its backends explicitly: the torch one from its
+``reference`` module, the optional ones through :func:`load_backends`, which imports a
+backend module (``<package>.triton``, ``<package>.extension``) and registers the
+:class:`Implementation` objects it lists in ``IMPLEMENTATIONS``. Backend modules never
+import their package, so imports point one way. ``resolve`` turns a
 user's ``backend=`` keyword into a concrete name. ``"auto"`` walks the device's
 preference list and takes the first backend that is available and supports the
 input (``supports`` returns ``None``, or a reason why not). A forced backend that
@@ -30,12 +34,21 @@ def _always(**_sizes) -> Optional[str]:
 
 @dataclass(frozen=True)
 class Implementation:
+    """What a backend supplies for one operator package.
+
+    ``forward`` is the backend's factorisation (its meaning is the package's: see each
+    package's docstring); ``gram_backward(J, w, Γ, need_J, need_w)`` is the one pass over J
+    that applies Γ = ∂R/∂G (``_gram.gram_backward`` is the reference); the Γ formulas
+    themselves live once, in the package's ``reference``. ``backward`` is for operators
+    that are not functions of the Gram matrix (``tangent_linear``).
+    """
     forward: Callable
-    backward: Callable
+    backward: Optional[Callable] = None
     # supports(device_type=..., dtype=..., **sizes) -> None if it can run, else the reason
     supports: Callable[..., Optional[str]] = field(default=_always)
     # faster(**same) -> whether "auto" should take it over the ones after it (its measured range)
     faster: Callable[..., bool] = field(default=lambda **_sizes: True)
+    gram_backward: Optional[Callable] = None
 
 
 _IMPLEMENTATIONS: dict[str, dict[str, Implementation]] = {}
@@ -60,9 +73,10 @@ def _without_autocast(fn: Callable) -> Callable:
 def register(op: str, backend: str, implementation: Implementation) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
+    wrap = (lambda fn: None if fn is None else _without_autocast(fn))
     _IMPLEMENTATIONS.setdefault(op, {})[backend] = Implementation(
-        _without_autocast(implementation.forward), _without_autocast(implementation.backward),
-        implementation.supports, implementation.faster)
+        wrap(implementation.forward), wrap(implementation.backward), implementation.supports,
+        implementation.faster, wrap(implementation.gram_backward))
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
@@ -70,20 +84,26 @@ def mark_unavailable(backend: str, reason: str) -> None:
     _UNAVAILABLE.setdefault(backend, reason)
 
 
-def load_backends(package: str, modules=("triton", "extension")) -> None:
-    """Import an operator's optional backend modules (``<package>.triton``, ``.extension``);
-    each registers itself on import. A module that cannot import records why."""
+def load_backends(op: str, package: str, modules=("triton", "extension")) -> None:
+    """Import an operator's optional backend modules (``<package>.triton``, ``.extension``)
+    and register what each lists in ``IMPLEMENTATIONS`` (backend name -> Implementation).
+    A module that cannot import records why."""
     import importlib
 
     for module in modules:
+        backend = {"extension": "cpp"}.get(module, module)
         try:
-            importlib.import_module(f"{package}.{module}")
+            loaded = importlib.import_module(f"{package}.{module}")
         except ModuleNotFoundError as e:
             if e.name == f"{package}.{module}":
                 continue  # this operator has no such backend
-            mark_unavailable({"extension": "cpp"}.get(module, module), f"{e.name} is not installed")
+            mark_unavailable(backend, f"{e.name} is not installed")
+            continue
         except ImportError as e:
-            mark_unavailable({"extension": "cpp"}.get(module, module), str(e))
+            mark_unavailable(backend, str(e))
+            continue
+        for name, implementation in getattr(loaded, "IMPLEMENTATIONS", {}).items():
+            register(op, name, implementation)
 
 
 def availability() -> dict[str, Optional[str]]:

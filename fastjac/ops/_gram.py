@@ -1,12 +1,15 @@
-"""What every operator on J shares: the weighted Gram matrix and its backward.
+"""What every operator on J shares: the weighted Gram matrix and the one pass that applies Γ.
 
-All three operators are functions of G = Jᵀ W J (W = diag(w)). If R = f(G) and
-Γ = ∂R/∂G is symmetric, then ∂R/∂J = 2 W J Γ and ∂R/∂w_r = J_r Γ J_rᵀ, so each
-operator's backward is "compute Γ, then one pass over J". Reference forms here,
-in differentiable PyTorch ops (they double as the double-backward path).
+All operators are functions of G = Jᵀ W J (W = diag(w)). If R = f(G) and Γ = ∂R/∂G is
+symmetric, then ∂R/∂J = 2 W J Γ and ∂R/∂w_r = J_r Γ J_rᵀ, so each operator's backward is
+"Γ from the operator's own formula (its ``reference`` module), then one pass over J":
+:func:`gram_backward` here, or a backend's own version of it with the same signature
+(docs/maths.md#operators). Reference forms, in differentiable PyTorch ops (they double as
+the double-backward path).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,17 +28,43 @@ def gram(J: Tensor, w: Optional[Tensor]) -> Tensor:
     return Jc.mT @ Jw
 
 
-def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_weights: bool = True):
-    """(∂R/∂J, ∂R/∂w) from Γ = ∂R/∂G (symmetric, (B, k, k)); ∂R/∂w is None when w is."""
+def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = True,
+                  need_w: bool = True):
+    """(∂R/∂J, ∂R/∂w) = (2 W J Γ, rowsum((J Γ) ⊙ J)) from Γ = ∂R/∂G, which is (B, k, k)
+    symmetric or its (B, k) diagonal; either result is None when not needed (∂R/∂w also
+    when w is None). In Γ's dtype."""
+    need_w = need_w and w is not None
+    if not (need_J or need_w):
+        return None, None
     Jc = J.to(gamma.dtype)
-    JG = Jc @ gamma
-    wc = None if w is None else w.to(gamma.dtype).unsqueeze(-1)
-    grad_J = 2 * JG if wc is None else 2 * wc * JG
-    grad_w = (JG * Jc).sum(-1) if (w is not None and need_weights) else None
+    JG = Jc * gamma.unsqueeze(1) if gamma.dim() == 2 else Jc @ gamma
+    grad_w = (JG * Jc).sum(-1) if need_w else None
+    grad_J = None
+    if need_J:
+        grad_J = 2 * JG if w is None else 2 * w.to(gamma.dtype).unsqueeze(-1) * JG
     return grad_J, grad_w
 
 
 def block_mask(k: int, block_size: int, *, device, dtype=torch.bool) -> Tensor:
-    """(k, k) mask, true where columns i and j lie in the same block of consecutive latents."""
+    """(k, k) mask, true where columns i and j lie in the same block of consecutive latents.
+    Cached per (k, block_size, device, dtype) outside tracing (callers must not modify it)."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
+        return _block_mask(k, block_size, torch.device(device), dtype)
+    return _cached_block_mask(k, block_size, torch.device(device), dtype)
+
+
+def _block_mask(k: int, block_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     ids = torch.arange(k, device=device) // block_size
     return (ids[:, None] == ids[None, :]).to(dtype)
+
+
+_cached_block_mask = functools.lru_cache(maxsize=64)(_block_mask)
+
+
+def column_norms(J: Tensor, w: Optional[Tensor]) -> Tensor:
+    """n_i = Σ_r w_r J_ri² = diag(G), (B, D, k) -> (B, k) in the accumulation dtype.
+    (J*J).sum beats vector_norm over the middle dim 2× on the CPU."""
+    Jc = J.to(accumulation_dtype(J.dtype))
+    if w is None:
+        return (Jc * Jc).sum(1)
+    return (w.to(Jc.dtype).unsqueeze(1) @ (Jc * Jc)).squeeze(1)

@@ -1,8 +1,9 @@
-"""Reference form of the column estimator R = Σ_i s_i log(1 + ‖J_w e_i‖²/β) and its backward.
+"""Reference column estimator R = Σ_i s_i log(1 + ‖J_w e_i‖²/β) and the formulas every backend
+shares (docs/maths.md#stochastic-column-estimators).
 
 J holds k columns (B, D, k) — all d for the Hadamard bound (s = 1), or the k drawn
-columns of GRAE≈ with s_i = 1/(k p(c_i)). Only the column norms n_i = Σ_r w_r J_ri² are
-needed, so Γ = ∂R/∂G is diagonal: Γ_ii = s_i / (β + n_i).
+columns of GRAE≈ with s_i = 1/(k p(c_i)). Only the column norms n_i = Σ_r w_r J_ri² enter
+(a backend's ``forward(J, w)`` computes them), so Γ = ∂R/∂G is diagonal: Γ_ii = s_i / (β + n_i).
 """
 from __future__ import annotations
 
@@ -11,38 +12,36 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._gram import accumulation_dtype
+from .._gram import column_norms
+
+forward = column_norms  # the torch backend's n (B, k)
 
 
-def _norms(J: Tensor, w: Optional[Tensor]) -> Tensor:
-    """n_i = Σ_r w_r J_ri², (B, k). (J*J).sum beats vector_norm over the middle dim 2× on the CPU."""
-    Jc = J.to(accumulation_dtype(J.dtype))
-    if w is None:
-        return (Jc * Jc).sum(1)
-    return (w.to(Jc.dtype).unsqueeze(1) @ (Jc * Jc)).squeeze(1)
+def _log1p_ratio(n: Tensor, beta: Tensor) -> Tensor:
+    """log(1 + n/β), also where n/β overflows but n does not: then log n − log β (the
+    dropped log1p(β/n) is below the dtype's resolution)."""
+    ratio = n / beta
+    large = torch.isinf(ratio) & torch.isfinite(n)
+    safe_n = torch.where(large, n, torch.ones_like(n))
+    return torch.where(large, torch.log(safe_n) - torch.log(beta), torch.log1p(ratio))
 
 
-def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, scale: Optional[Tensor]) -> Tensor:
-    n = _norms(J, w)
-    terms = torch.log1p(n / beta.to(n.dtype))
+def value(n: Tensor, beta: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """R (B,) from the norms n (B, k)."""
+    terms = _log1p_ratio(n, beta.to(n.dtype))
     if scale is not None:
         terms = terms * scale.to(n.dtype)
     return terms.sum(-1)
 
 
-def backward(J, w, beta, scale, grad, needs_input_grad=(True, True, True)):
-    n = _norms(J, w)
-    beta = beta.to(n.dtype)
-    s = grad.to(n.dtype)[:, None] if scale is None else grad.to(n.dtype)[:, None] * scale.to(n.dtype)
-    gamma = s / (beta + n)  # (B, k), the diagonal of Γ
-    Jc = J.to(n.dtype)
-    grad_J = grad_w = grad_beta = None
-    if needs_input_grad[0]:
-        grad_J = Jc * (2 * gamma).unsqueeze(1)
-        if w is not None:
-            grad_J = grad_J * w.to(n.dtype).unsqueeze(-1)
-    if needs_input_grad[1] and w is not None:
-        grad_w = ((Jc * Jc) @ gamma.unsqueeze(-1)).squeeze(-1)
-    if needs_input_grad[2]:
-        grad_beta = -(gamma * n).sum() / beta
-    return grad_J, grad_w, grad_beta
+def gamma(n: Tensor, grad: Tensor, beta: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """The diagonal of Γ = ∂(Σ_b grad_b R_b)/∂G, (B, k): grad_b s_i / (β + n_i)."""
+    s = grad.to(n.dtype)[:, None]
+    if scale is not None:
+        s = s * scale.to(n.dtype)
+    return s / (beta.to(n.dtype) + n)
+
+
+def beta_gradient(gamma: Tensor, n: Tensor, beta: Tensor) -> Tensor:
+    """∂(Σ_b grad_b R_b)/∂β = −Σ γ_i n_i / β, from the diagonal Γ."""
+    return -(gamma * n).sum() / beta.to(n.dtype)

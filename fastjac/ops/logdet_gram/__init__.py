@@ -1,10 +1,17 @@
 """log det(I + J_wᵀJ_w/β) (exact GRAE regulariser), its Fischer block bound, and Σ* = M⁻¹.
 
 Public functions validate, pick a backend (``backend="auto"|"torch"|"triton"|"cpp"|"cuda"``)
-and call the registered custom ops ``fastjac::logdet_gram`` / ``fastjac::posterior_covariance``,
-whose backward is SPEC §3.1 (one factorisation, no autograd through the Cholesky).
-Twice differentiable: under ``create_graph=True`` the backward re-factorises M with
-differentiable ops, so ``gradgradcheck`` holds (at the cost of a second factorisation).
+and call the custom op ``fastjac::logdet_gram``, which returns log det M and M⁻¹ from one
+factorisation. A backend supplies only that factorisation (``forward(J, w, β, block_size) ->
+(log det, M⁻¹)``) and its one pass over J (``gram_backward``); the backward is the reference's
+Γ formulas on the saved M⁻¹ (docs/maths.md#log-determinant-and-its-gradients), so no backend
+writes a gradient formula and none factorises again. Twice differentiable: under
+``create_graph=True`` the backward re-factorises M with differentiable reference ops, so
+``gradgradcheck`` holds (at the cost of a second factorisation).
+
+float32 inputs are checked (with value checks on, the default) against the float32 error
+estimate of ``reference.logdet_accurate`` (docs/maths.md#numerical-error-and-tolerances): an
+answer whose estimated error exceeds 1e-2 raises a ValueError that suggests float64.
 """
 from __future__ import annotations
 
@@ -14,23 +21,21 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._gram import accumulation_dtype
+from .._gram import accumulation_dtype, column_norms, gram_backward
 from .._operands import cast_grad, operands
 from ... import _validation as check
 from . import reference
 
 OP = "logdet_gram"
-COVARIANCE_OP = "posterior_covariance"
-_dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, reference.backward))
-_dispatch.register(COVARIANCE_OP, "torch", _dispatch.Implementation(
-    reference.posterior_covariance, reference.posterior_covariance_backward))
+_dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, gram_backward=gram_backward))
 
 
 @torch.library.custom_op("fastjac::logdet_gram", mutates_args=())
 def _logdet_gram_op(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int,
                     backend: str) -> tuple[Tensor, Tensor]:
-    logdet, L = _dispatch.implementation(OP, backend).forward(J, w, beta, block_size)
-    return logdet, L.contiguous()  # cholesky_ex gives column-major factors; the fake says contiguous
+    """(log det M (B,), M⁻¹ (B, d, d)), M = I + mask ⊙ JᵀWJ/β with blocks of ``block_size``."""
+    logdet, m_inv = _dispatch.implementation(OP, backend).forward(J, w, beta, block_size)
+    return logdet, m_inv.contiguous()  # the layout the fake promises
 
 
 @_logdet_gram_op.register_fake
@@ -40,73 +45,66 @@ def _(J, w, beta, block_size, backend):
     return J.new_empty(B, dtype=acc), J.new_empty(B, d, d, dtype=acc)
 
 
-def _logdet_setup(ctx, inputs, output):
+def _setup(ctx, inputs, output):
     J, w, beta, block_size, backend = inputs
     ctx.save_for_backward(J, w, beta, output[1])
     ctx.block_size, ctx.backend = block_size, backend
 
 
-def _logdet_backward(ctx, grad_logdet, _grad_L):
-    J, w, beta, L = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable factor makes this differentiable
-        L = reference.factor(J, w, beta, ctx.block_size)
-        grads = reference.backward(J, w, beta, ctx.block_size, L, grad_logdet, needs)
+def _backward(ctx, grad_logdet, grad_m_inv):
+    J, w, beta, m_inv = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable M⁻¹ makes this differentiable
+        m_inv = reference.forward(J, w, beta, ctx.block_size)[1]
+        apply_gamma = gram_backward
     else:
-        grads = _dispatch.implementation(OP, ctx.backend).backward(
-            J, w, beta, ctx.block_size, L, grad_logdet, needs)
+        apply_gamma = _dispatch.implementation(OP, ctx.backend).gram_backward
+    grads = reference.backward(J, w, beta, m_inv, grad_logdet, grad_m_inv, ctx.needs_input_grad[:3],
+                               apply_gamma)
     return cast_grad(grads[0], J), cast_grad(grads[1], w), cast_grad(grads[2], beta), None, None
 
 
-_logdet_gram_op.register_autograd(_logdet_backward, setup_context=_logdet_setup)
+_logdet_gram_op.register_autograd(_backward, setup_context=_setup)
 
 
-@torch.library.custom_op("fastjac::posterior_covariance", mutates_args=())
-def _posterior_covariance_op(J: Tensor, w: Optional[Tensor], beta: Tensor, backend: str) -> Tensor:
-    return _dispatch.implementation(COVARIANCE_OP, backend).forward(J, w, beta).contiguous()
-
-
-@_posterior_covariance_op.register_fake
-def _(J, w, beta, backend):
-    B, _, d = J.shape
-    return J.new_empty(B, d, d, dtype=accumulation_dtype(J.dtype))
-
-
-def _covariance_setup(ctx, inputs, output):
-    J, w, beta, backend = inputs
-    ctx.save_for_backward(J, w, beta, output)
-    ctx.backend = backend
-
-
-def _covariance_backward(ctx, grad):
-    J, w, beta, sigma = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():
-        sigma = reference.posterior_covariance(J, w, beta)
-        grads = reference.posterior_covariance_backward(J, w, beta, sigma, grad, needs)
-    else:
-        grads = _dispatch.implementation(COVARIANCE_OP, ctx.backend).backward(J, w, beta, sigma, grad, needs)
-    return cast_grad(grads[0], J), cast_grad(grads[1], w), cast_grad(grads[2], beta), None
-
-
-_posterior_covariance_op.register_autograd(_covariance_backward, setup_context=_covariance_setup)
-
-
-def _masked_logdet(J, beta, weights, block_size: Optional[int], backend: str) -> Tensor:
+def _factorised(J, beta, weights, block_size: Optional[int], backend: str):
+    """Checked operands, then (log det, M⁻¹, J, w, β) from the resolved backend."""
     J, w, beta = operands(J, beta, weights)
     B, D, d = J.shape
     block_size = d if block_size is None else min(block_size, d)
     name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=d)
-    logdet, _ = torch.ops.fastjac.logdet_gram(J, w, beta, block_size, name)
-    if check.values_checked() and not bool(torch.isfinite(logdet).all()):
-        raise ValueError(
-            f"M = I + JᵀWJ/β is not numerically positive definite in {logdet.dtype} "
-            "(J is too large relative to beta); pass J in float64 or rescale")
+    logdet, m_inv = torch.ops.fastjac.logdet_gram(J, w, beta, block_size, name)
+    return logdet, m_inv, J, w, beta
+
+
+def _too_inaccurate(what: str, dtype: torch.dtype) -> str:
+    return (f"{what}: M = I + JᵀWJ/β is too ill-conditioned for {dtype} (JᵀWJ/β spans too many orders "
+            f"of magnitude, or overflows): the estimated rounding error exceeds "
+            f"{reference.FLOAT32_TOLERANCE:g} relative; pass J in float64, or use a larger beta "
+            "(docs/maths.md#numerical-error-and-tolerances)")
+
+
+def _check_logdet(what, logdet, m_inv, J, w, beta) -> None:
+    """Deferred: a finite log det, and for float32 one within the error tolerance."""
+    if not check.values_checked():
+        return
+    if logdet.dtype == torch.float64:
+        check.condition("J", torch.isfinite(logdet), f"{what}: M = I + JᵀWJ/β is not numerically "
+                        "positive definite in float64 (J is too large relative to beta); rescale")
+        return
+    ok = reference.logdet_accurate(logdet, m_inv, column_norms(J, w), beta, J.shape[1])
+    check.condition("J", ok, _too_inaccurate(what, logdet.dtype))
+
+
+def _masked_logdet(what, J, beta, weights, block_size: Optional[int], backend: str) -> Tensor:
+    with check.deferred():
+        logdet, m_inv, J, w, beta = _factorised(J, beta, weights, block_size, backend)
+        _check_logdet(what, logdet, m_inv, J, w, beta)
     return logdet
 
 
 def logdet_gram(J: Tensor, beta, *, weights=None, backend: str = "auto") -> Tensor:
-    """Exact regulariser R = log det(I + J_wᵀJ_w/β), J_w = diag(√w) J (SPEC §3.1).
+    """Exact regulariser R = log det(I + J_wᵀJ_w/β), J_w = diag(√w) J
+    (docs/maths.md#log-determinant-and-its-gradients).
 
     Args:
         J: (B, D, d) decoder Jacobians.
@@ -115,31 +113,42 @@ def logdet_gram(J: Tensor, beta, *, weights=None, backend: str = "auto") -> Tens
         backend: "auto", "torch", "triton", "cpp" or "cuda".
     Returns:
         (B,) log-determinants, float32 for float16/bfloat16/float32 inputs, else float64.
+    Raises:
+        ValueError: bad arguments, or (value checks on) a float32 M too ill-conditioned for
+        a log det within 1e-2 of the float64 answer.
 
     Example:
         >>> J = torch.randn(4, 784, 8)
         >>> logdet_gram(J, 0.5).shape
         torch.Size([4])
     """
-    return _masked_logdet(J, beta, weights, None, backend)
+    return _masked_logdet("logdet_gram", J, beta, weights, None, backend)
 
 
 def fischer_bound(J: Tensor, beta, *, block_size: int, weights=None, backend: str = "auto") -> Tensor:
-    """Fischer bound Σ_blocks log det M_bb over blocks of ``block_size`` consecutive latents.
+    """Fischer bound Σ_blocks log det M_bb over blocks of ``block_size`` consecutive latents
+    (docs/maths.md#bounds-and-identities).
 
     R_exact <= R_fischer(b) <= R_hadamard; b = 1 is Hadamard, b >= d is exact. The last
     block is smaller when d is not a multiple of b. Shapes as :func:`logdet_gram`.
     """
     check.positive_int("block_size", block_size)
-    return _masked_logdet(J, beta, weights, block_size, backend)
+    return _masked_logdet("fischer_bound", J, beta, weights, block_size, backend)
 
 
 def optimal_posterior_covariance(J: Tensor, beta, *, weights=None, backend: str = "auto") -> Tensor:
-    """Σ* = (I + J_wᵀJ_w/β)⁻¹ (Eq. 11): (B, D, d) -> (B, d, d), differentiable."""
-    J, w, beta = operands(J, beta, weights)
-    B, D, d = J.shape
-    name = _dispatch.resolve(COVARIANCE_OP, backend, J, B=B, D=D, d=d)
-    return torch.ops.fastjac.posterior_covariance(J, w, beta, name)
+    """Σ* = (I + J_wᵀJ_w/β)⁻¹ (docs/maths.md#optimal-posterior-covariance): (B, D, d) -> (B, d, d),
+    differentiable. float32 inputs whose Σ* would be off by more than 1e-2 (relative) raise
+    a ValueError (value checks on) that suggests float64."""
+    with check.deferred():
+        _logdet, sigma, J, w, beta = _factorised(J, beta, weights, None, backend)
+        if check.values_checked() and sigma.dtype != torch.float64:
+            ok = reference.covariance_accurate(sigma, column_norms(J, w), beta, J.shape[1])
+            check.condition("J", ok, _too_inaccurate("optimal_posterior_covariance", sigma.dtype))
+        elif check.values_checked():
+            check.condition("J", torch.isfinite(sigma), "optimal_posterior_covariance: M = I + JᵀWJ/β "
+                            "is not numerically positive definite in float64; rescale J or beta")
+    return sigma
 
 
-_dispatch.load_backends(__name__)
+_dispatch.load_backends(OP, __name__)

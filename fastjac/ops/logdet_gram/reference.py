@@ -1,18 +1,25 @@
-"""Reference (pure PyTorch) forms of log det M, M = I + mask ⊙ (JᵀWJ)/β, and its backward.
+"""Reference (pure PyTorch) log det M, M = I + mask ⊙ (JᵀWJ)/β, and the formulas every
+backend shares: Γ = ∂R/∂G and ∂R/∂β from M⁻¹ (docs/maths.md#log-determinant-and-its-gradients),
+and the float32 error estimate (docs/maths.md#numerical-error-and-tolerances).
 
 ``block_size`` masks G to its diagonal blocks of consecutive latents: block_size >= d
 is the exact log-determinant, smaller blocks give the Fischer bound (a block-diagonal
 M has log det = Σ_blocks log det M_bb), block_size 1 the Hadamard bound.
-Shapes: J (B, D, d), w (B, D) or None, beta 0-d -> logdet (B,), L (B, d, d).
+Shapes: J (B, D, d), w (B, D) or None, beta 0-d -> logdet (B,), M⁻¹ (B, d, d).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .._gram import block_mask, gram, gram_backward
+from .._gram import block_mask, gram
+
+# Largest estimated error of a float32 log det (relative to 1 + |log det|) or of a float32 Σ*
+# (relative, Frobenius) that the operators return instead of refusing.
+FLOAT32_TOLERANCE = 1e-2
 
 
 def matrix(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int) -> Tensor:
@@ -21,55 +28,86 @@ def matrix(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int) -> Ten
     d = G.shape[-1]
     if block_size < d:
         G = G * block_mask(d, block_size, device=G.device, dtype=G.dtype)
-    eye = torch.eye(d, device=G.device, dtype=G.dtype)
-    return G / beta.to(G.dtype) + eye
-
-
-def factor(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int) -> Tensor:
-    """Lower Cholesky factor L of M; non-syncing (failures surface as non-finite log det)."""
-    L, _info = torch.linalg.cholesky_ex(matrix(J, w, beta, block_size))
-    return L
+    M = G / beta.to(device=G.device, dtype=G.dtype)
+    M.diagonal(dim1=-2, dim2=-1).add_(1)
+    return M
 
 
 def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
-    L = factor(J, w, beta, block_size)
+    """(log det M (B,), M⁻¹ (B, d, d)) by one Cholesky factorisation; non-syncing: a failed
+    factorisation shows as a non-finite log det. Differentiable (the double-backward path)."""
+    L, _info = torch.linalg.cholesky_ex(matrix(J, w, beta, block_size))
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return logdet, L
+    return logdet, torch.cholesky_inverse(L)
 
 
-def backward(J, w, beta, block_size, L, grad, needs_input_grad=(True, True, True)):
-    """(∂/∂J, ∂/∂w, ∂/∂β) of Σ_b grad_b · log det M_b (SPEC §3.1), from L.
-
-    ∂R/∂J = (2/β) W J M⁻¹, ∂R/∂w_r = (1/β) J_r M⁻¹ J_rᵀ, ∂R/∂β = −(d − tr M⁻¹)/β.
-    Written in differentiable ops: given a differentiable L it is its own double backward.
-    """
-    beta = beta.to(L.dtype)
-    m_inv = torch.cholesky_inverse(L)
-    grad = grad.to(L.dtype)
-    gamma = m_inv * (grad / beta)[:, None, None]
-    grad_J = grad_w = grad_beta = None
-    if needs_input_grad[0] or needs_input_grad[1]:
-        grad_J, grad_w = gram_backward(J, w, gamma, need_weights=needs_input_grad[1])
-    if needs_input_grad[2]:
-        d = L.shape[-1]
-        grad_beta = -(grad * (d - m_inv.diagonal(dim1=-2, dim2=-1).sum(-1))).sum() / beta
-    return grad_J, grad_w, grad_beta
+def gamma(m_inv: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
+    """Γ = ∂(Σ_b grad_b log det M_b)/∂G = M⁻¹ grad_b / β."""
+    return m_inv * (grad.to(m_inv.dtype) / beta.to(m_inv.dtype))[:, None, None]
 
 
-def posterior_covariance(J: Tensor, w: Optional[Tensor], beta: Tensor) -> Tensor:
-    """Σ* = M⁻¹ (Eq. 11), (B, d, d)."""
-    return torch.cholesky_inverse(factor(J, w, beta, J.shape[-1]))
+def beta_gradient(m_inv: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
+    """∂(Σ_b grad_b log det M_b)/∂β = −Σ_b grad_b (d − tr M_b⁻¹)/β."""
+    d = m_inv.shape[-1]
+    trace = m_inv.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return -(grad.to(m_inv.dtype) * (d - trace)).sum() / beta.to(m_inv.dtype)
 
 
-def posterior_covariance_backward(J, w, beta, sigma, grad, needs_input_grad=(True, True, True)):
-    """(∂/∂J, ∂/∂w, ∂/∂β) of ⟨grad, Σ⟩ with Σ = M⁻¹: dΣ = −Σ dM Σ, ∂Σ/∂β = (Σ − Σ²)/β."""
-    beta = beta.to(sigma.dtype)
+def covariance_gamma(sigma: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
+    """Γ = ∂⟨grad, Σ⟩/∂G with Σ = M⁻¹: dΣ = −Σ dM Σ, so Γ = −Σ sym(grad) Σ / β."""
     grad = grad.to(sigma.dtype)
-    sym = (grad + grad.mT) / 2
-    grad_J = grad_w = grad_beta = None
-    if needs_input_grad[0] or needs_input_grad[1]:
-        gamma = -(sigma @ sym @ sigma) / beta
-        grad_J, grad_w = gram_backward(J, w, gamma, need_weights=needs_input_grad[1])
-    if needs_input_grad[2]:
-        grad_beta = (grad * (sigma - sigma @ sigma)).sum() / beta
+    return -(sigma @ ((grad + grad.mT) / 2) @ sigma) / beta.to(sigma.dtype)
+
+
+def covariance_beta_gradient(sigma: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
+    """∂⟨grad, Σ⟩/∂β = ⟨grad, Σ − Σ²⟩/β."""
+    return (grad.to(sigma.dtype) * (sigma - sigma @ sigma)).sum() / beta.to(sigma.dtype)
+
+
+def backward(J, w, beta, m_inv, grad_logdet, grad_sigma, needs, gram_backward: Callable):
+    """(∂/∂J, ∂/∂w, ∂/∂β) of ⟨grad_logdet, log det M⟩ + ⟨grad_sigma, M⁻¹⟩ (either grad may be
+    None): the Γ formulas above, then ``gram_backward`` (one pass over J, the backend's)."""
+    total = grad_beta = None
+    for grad, gamma_of, beta_gradient_of in ((grad_logdet, gamma, beta_gradient),
+                                             (grad_sigma, covariance_gamma, covariance_beta_gradient)):
+        if grad is None:
+            continue
+        term = gamma_of(m_inv, grad, beta)
+        total = term if total is None else total + term
+        if needs[2]:
+            term = beta_gradient_of(m_inv, grad, beta)
+            grad_beta = term if grad_beta is None else grad_beta + term
+    grad_J = grad_w = None
+    if total is not None:
+        grad_J, grad_w = gram_backward(J, w, total, needs[0], needs[1])
     return grad_J, grad_w, grad_beta
+
+
+def scaled_inverse_sum(m_inv: Tensor, column_norms: Tensor, beta: Tensor) -> Tensor:
+    """κ = Σ_ij |M⁻¹_ij| √(M_ii M_jj) (B,), M_ii = 1 + n_i/β: the first-order bound on
+    |δ log det| per unit of componentwise error |δM_ij| <= ε √(M_ii M_jj), which is the form
+    both the Gram's and the Cholesky's float32 rounding errors take (Cauchy–Schwarz)."""
+    s = torch.sqrt(1 + column_norms.to(m_inv.dtype) / beta.to(m_inv.dtype))
+    return (m_inv.abs() * s[:, :, None] * s[:, None, :]).sum((-2, -1))
+
+
+def unit_error(D: int, d: int, dtype: torch.dtype) -> float:
+    """ε of the componentwise error above: u (√D + d + 1), u the unit roundoff; √D is the
+    probabilistic growth of a D-term sum's rounding error, d + 1 the Cholesky's."""
+    return torch.finfo(dtype).eps / 2 * (math.sqrt(D) + d + 1)
+
+
+def logdet_accurate(logdet: Tensor, m_inv: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
+    """(B,) bool: the estimated rounding error of log det, ε κ, is within FLOAT32_TOLERANCE
+    (1 + |log det|); False also for a non-finite log det."""
+    error = unit_error(D, m_inv.shape[-1], m_inv.dtype) * scaled_inverse_sum(m_inv, column_norms, beta)
+    return error <= FLOAT32_TOLERANCE * (1 + logdet.abs())
+
+
+def covariance_accurate(sigma: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
+    """(B,) bool: |δΣ| <= |Σ| |δM| |Σ| <= ε (|Σ| s)(|Σ| s)ᵀ, so ‖δΣ‖_F / ‖Σ‖_F <= ε ‖|Σ| s‖² / ‖Σ‖_F
+    is within FLOAT32_TOLERANCE (s_i = √M_ii); False also for a non-finite Σ."""
+    s = torch.sqrt(1 + column_norms.to(sigma.dtype) / beta.to(sigma.dtype))
+    spread = (sigma.abs() @ s.unsqueeze(-1)).squeeze(-1).square().sum(-1)
+    error = unit_error(D, sigma.shape[-1], sigma.dtype) * spread
+    return error <= FLOAT32_TOLERANCE * torch.linalg.matrix_norm(sigma)

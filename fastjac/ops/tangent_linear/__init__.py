@@ -101,4 +101,4 @@ def tangent_linear(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[T
     return y, U
 
 
-_dispatch.load_backends(__name__)
+_dispatch.load_backends(OP, __name__)

@@ -1,6 +1,7 @@
-// Device path: one matrix per thread block, M in shared memory (row stride d + 1, so the rows
-// that neighbouring threads walk fall in different banks), the arithmetic of fastjac/matrix.h
-// run by BlockLanes. d is limited by the shared memory of one block (the Python side refuses
+// Device path: the Gram matrix fused into the factorisation (one matrix per thread block, M in
+// shared memory, row stride d + 1 so the rows that neighbouring threads walk fall in different
+// banks), its inverse, and the backward pass over J. The per-matrix arithmetic is
+// fastjac/matrix.h (the host's too), run by BlockLanes. d is limited by the shared memory of one block (the Python side refuses
 // d > 128). Every CUDA call is checked; launches go on the caller's stream and device.
 #include <cuda_runtime.h>
 
@@ -59,7 +60,7 @@ __global__ void factor_kernel(Problem p, const T* beta, int bs, T* L, T* logdet)
   T* a = reinterpret_cast<T*>(smem);
   T* col = a + d * ld;
   const int64_t b = blockIdx.x;
-  const T* J = p.J.ptr ? p.J.at<T>() + b * p.J.s0 : nullptr;
+  const T* J = p.J.at<T>() + b * p.J.s0;
   const T* w = p.w.ptr ? p.w.at<T>() + b * p.w.s0 : nullptr;
   // Gram: one lane per lower entry (i, k) inside the blocks, summed over the D rows.
   const int64_t entries = int64_t(d) * (d + 1) / 2;
@@ -70,9 +71,7 @@ __global__ void factor_kernel(Problem p, const T* beta, int bs, T* L, T* logdet)
     while (int64_t(i + 1) * (i + 2) / 2 <= e) ++i;
     const int k = int(e - int64_t(i) * (i + 1) / 2);
     T s = T(0);
-    if (!J) {  // the Gram matrix was computed elsewhere into L
-      s = out[int64_t(i) * d + k];
-    } else if (k >= block_begin(i, bs))
+    if (k >= block_begin(i, bs))
       for (int64_t r = 0; r < p.D; ++r) {
         const T* row = J + r * p.J.s1;
         s += (w ? w[r * p.w.s1] : T(1)) * row[i * p.J.s2] * row[k * p.J.s2];
@@ -88,7 +87,7 @@ __global__ void factor_kernel(Problem p, const T* beta, int bs, T* L, T* logdet)
 }
 
 template <class T>
-__global__ void inverse_kernel(int d, int bs, const T* L, T* out, T* trace) {
+__global__ void inverse_kernel(int d, int bs, const T* L, T* out) {
   extern __shared__ unsigned char smem[];
   const int64_t ld = d + 1;
   T* a = reinterpret_cast<T*>(smem);
@@ -99,16 +98,11 @@ __global__ void inverse_kernel(int d, int bs, const T* L, T* out, T* trace) {
   const BlockLanes lanes;
   invert_factor(a, ld, d, bs, dg, lanes);
   inverse_from_inverted(a, ld, d, bs, dg, out + off, d, lanes);
-  if (trace && threadIdx.x == 0) {
-    T s = T(0);
-    for (int i = 0; i < d; ++i) s += out[off + int64_t(i) * d + i];
-    trace[blockIdx.x] = s;
-  }
 }
 
 // grid (B, row chunks): Γ_b in shared memory, one lane per row r of J.
 template <class T>
-__global__ void gram_pass_kernel(Problem p, const T* gamma, const T* scale, T* grad_J, T* grad_w) {
+__global__ void gram_backward_kernel(Problem p, const T* gamma, T* grad_J, T* grad_w) {
   extern __shared__ unsigned char smem[];
   const int d = p.d;
   T* g = reinterpret_cast<T*>(smem);
@@ -118,8 +112,7 @@ __global__ void gram_pass_kernel(Problem p, const T* gamma, const T* scale, T* g
   const int64_t r = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
   if (r >= p.D) return;
   const T* row = p.J.at<T>() + b * p.J.s0 + r * p.J.s1;
-  const T s = scale ? scale[b] : T(1);
-  const T f = T(2) * s * (p.w.ptr ? p.w.at<T>()[b * p.w.s0 + r * p.w.s1] : T(1));
+  const T f = T(2) * (p.w.ptr ? p.w.at<T>()[b * p.w.s0 + r * p.w.s1] : T(1));
   T dot = T(0);
   for (int c = 0; c < d; ++c) {
     T acc = T(0);
@@ -127,7 +120,7 @@ __global__ void gram_pass_kernel(Problem p, const T* gamma, const T* scale, T* g
     if (grad_J) grad_J[(b * p.D + r) * d + c] = f * acc;
     dot += acc * row[c * p.J.s2];
   }
-  if (grad_w) grad_w[b * p.D + r] = s * dot;
+  if (grad_w) grad_w[b * p.D + r] = dot;
 }
 
 }  // namespace
@@ -145,24 +138,24 @@ void factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int device
 }
 
 template <class T>
-void inverse(int64_t B, int d, int bs, const T* L, T* out, T* trace, int device, int64_t stream) {
+void inverse(int64_t B, int d, int bs, const T* L, T* out, int device, int64_t stream) {
   if (B == 0) return;
   DeviceGuard guard(device);
   const size_t bytes = sizeof(T) * (size_t(d) * (d + 1) + d);
   reserve_shared(inverse_kernel<T>, bytes, device);
-  inverse_kernel<T><<<unsigned(B), kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(d, bs, L, out, trace);
+  inverse_kernel<T><<<unsigned(B), kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(d, bs, L, out);
   check(cudaGetLastError(), "inverse_kernel launch");
 }
 
 template <class T>
-void gram_pass(const Problem& p, const T* gamma, const T* scale, T* grad_J, T* grad_w, int device, int64_t stream) {
+void gram_backward(const Problem& p, const T* gamma, T* grad_J, T* grad_w, int device, int64_t stream) {
   if (p.B == 0 || p.D == 0) return;
   DeviceGuard guard(device);
   const size_t bytes = sizeof(T) * size_t(p.d) * p.d;
-  reserve_shared(gram_pass_kernel<T>, bytes, device);
+  reserve_shared(gram_backward_kernel<T>, bytes, device);
   const dim3 grid(unsigned(p.B), unsigned((p.D + kThreads - 1) / kThreads));
-  gram_pass_kernel<T><<<grid, kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(p, gamma, scale, grad_J, grad_w);
-  check(cudaGetLastError(), "gram_pass_kernel launch");
+  gram_backward_kernel<T><<<grid, kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(p, gamma, grad_J, grad_w);
+  check(cudaGetLastError(), "gram_backward_kernel launch");
 }
 
 FASTJAC_CUDA_INSTANTIATE(float)
