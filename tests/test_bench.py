@@ -245,3 +245,24 @@ def test_asv_check_passes():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "No problems found" in proc.stdout
+
+
+def test_hutchinson_study_runs_on_the_shared_harness(tmp_path):
+    """`benchmarks/hutchinson.py --quick` writes rows for every rival, with the command and the machine."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import hutchinson as study
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "h.json"
+    argv = ["--quick", "--models", "mlp", "--pretrain", "1", "--json", str(path)]
+    assert study.main(argv) == 0
+    result = results.load(path)
+    assert result["tool"] == "benchmarks/hutchinson.py"
+    assert result["command"] == "python benchmarks/hutchinson.py " + " ".join(argv)
+    assert {"cpu", "torch", "date"} <= set(result["machine"])
+    rows = {r["estimator"]: r for r in result["rows"]}
+    assert set(rows) == {"exact", "stochastic", "hutchinson_cg"}
+    assert rows["exact"]["reg_err"] == 0.0                    # exact against itself: the error is measured
+    assert rows["stochastic"]["reg_err"] > 0 and rows["hutchinson_cg"]["cg_iterations"] >= 1
+    assert all(0 < r["seconds"] <= r["seconds_median"] for r in result["rows"])
