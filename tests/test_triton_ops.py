@@ -53,8 +53,11 @@ def poisoned(monkeypatch):
 
 @pytest.fixture
 def schedule(request, monkeypatch):
-    """Force one logdet schedule (fused, split, cusolver) instead of the size heuristic."""
-    monkeypatch.setattr(logdet_triton, "path", lambda *_: request.param)
+    """Force one logdet schedule (fused, split) instead of the size heuristic."""
+    plan = logdet_triton.solver_plan
+    monkeypatch.setattr(logdet_triton, "solver_plan",
+                        lambda B, D, d, dtype, weighted, device, _=None: plan(B, D, d, dtype, weighted, device,
+                                                                               request.param))
     return request.param
 
 
@@ -139,10 +142,11 @@ def test_logdet_default_schedule_unweighted(d, monkeypatch):
     check(logdet, *inputs(2, 70, d, weighted=False, seed=d))
 
 
-@pytest.mark.parametrize("schedule", ["fused", "split"], indirect=True)
-@pytest.mark.parametrize("d", [64, 128])
-def test_logdet_register_schedules_large_d(schedule, d):
-    check(logdet, *inputs(1, 40, d, weighted=True, seed=d), grads=False)
+@pytest.mark.parametrize("schedule,d", [("fused", 64), ("split", 64), ("split", 65), ("split", 128),
+                                        ("split", 130), ("split", 256)], indirect=["schedule"])
+def test_logdet_large_d(schedule, d):
+    """Register (d <= 64) and blocked (d > 64) solvers, gradients included, on small B and D."""
+    check(logdet, *inputs(1, 40, d, weighted=True, seed=d))
 
 
 @settings(max_examples=6, deadline=None)
@@ -242,7 +246,9 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 def test_unknown_schedule_raises():
     J, _ = inputs(1, 10, 3, weighted=False)
     with pytest.raises(ValueError, match="schedule"):
-        logdet_triton.factorise(J.float().to(DEVICE), None, torch.tensor(1.0), 3, "lu")
+        logdet_triton.forward(J.float().to(DEVICE), None, torch.tensor(1.0), 3, "lu")
+    with pytest.raises(ValueError, match="fused"):
+        logdet_triton.forward(torch.randn(1, 10, 65, device=DEVICE), None, torch.tensor(1.0), 65, "fused")
 
 
 @pytest.mark.gpu

@@ -1,21 +1,21 @@
-"""Triton backend of ``logdet_gram`` (exact, Fischer) and ``posterior_covariance``.
+"""Triton backend of ``logdet_gram`` (exact, Fischer; the posterior covariance uses the same
+forward): log det M and M⁻¹ for M = I + mask ⊙ JᵀWJ/β, in at most two launches.
 
-Forward, three schedules of the same arithmetic (``PATHS``), chosen by :func:`path`:
+One solver program per sample reads G (or accumulates it over D itself, the ``"fused"``
+schedule, for small d when B alone fills the GPU), forms M and inverts it by Gauss–Jordan
+elimination without pivoting — M is symmetric positive definite, and the pivots of the
+elimination are the squared Cholesky pivots, so log det M = Σ log pivots comes for free.
+For d <= SOLVER_BLOCK the whole M stays in registers; above, the elimination is blocked
+(SOLVER_BLOCK² tiles, tensor-core products) in place in the output buffer, which at d <= 256
+(256 KB per sample) stays in L2. The op saves M⁻¹, so the backward (the reference Γ formula
+and ``_triton.gram_backward``) needs no further factorisation.
 
-- ``"fused"``: one program per sample accumulates G = JᵀWJ over D in fp32 and factorises
-  M = I + mask ⊙ G/β in registers (right-looking Cholesky, one column per step). One launch,
-  but only B programs: right when B fills the GPU and d is small.
-- ``"split"``: the shared Gram kernel (split over D and over tiles of G, atomic fp32 adds),
-  then the same in-register Cholesky reading G. Fills the GPU for small B.
-- ``"cusolver"``: the Gram kernel, then ``torch.linalg.cholesky_ex``. Register Cholesky
-  kernels fall behind cuSOLVER beyond a few dozen latents; the thresholds below are where
-  ``benchmarks/triton_ops.py`` (which times every path) says to switch.
-
-Backward: Γ = ∂R/∂G = M⁻¹ · grad/β from L (B·d³, negligible next to the pass over J), then the
-shared one-pass kernel writing 2 W J Γ and J_r Γ J_rᵀ. Shapes as ``reference``.
+Launches: ``"split"`` = [zeros] + Gram + solver (<= 3), ``"fused"`` = solver alone.
+Shapes as ``reference``; the maths in docs/maths.md#log-determinant-and-its-gradients.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,116 +23,168 @@ import triton
 import triton.language as tl
 
 from .. import _dispatch, _triton
-from .._gram import block_mask
-from . import COVARIANCE_OP, OP
 
-PATHS = ("fused", "split", "cusolver")
-CHOLESKY_MAX_D = 32   # largest d the default schedule factorises in registers
-REGISTER_MAX_D = 128  # largest d the register schedules accept at all (so they can be timed)
+PATHS = ("fused", "split")
+FUSED_MAX_D = 32      # largest d the fused schedule (Gram and solver in one program) takes by default
+SOLVER_BLOCK = 64     # the solver holds M in registers up to this d, then works in blocks of it
 
 
 @triton.jit
-def _logdet_kernel(J, w, G, beta, L, logdet, D, k, block_size, s_b, s_r, s_c, s_wb, s_wr,
-                   FUSED: tl.constexpr, HAS_W: tl.constexpr, NATIVE: tl.constexpr,
-                   PRECISION: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr):
-    """Program b: L[b] = chol(I + mask ⊙ G[b]/β) and logdet[b] = 2 Σ log L_ii. G is
-    accumulated here (FUSED) or read from the lower triangle the Gram kernel wrote."""
-    b = tl.program_id(0).to(tl.int64)
+def _scaled(g, r, c, k, beta, block_size):
+    """Tile (r, c) of M = I + mask ⊙ G/β from the same tile of G; the identity beyond k."""
+    inside = (r[:, None] < k) & (c[None, :] < k)
+    same_block = (r[:, None] // block_size) == (c[None, :] // block_size)
+    return tl.where(inside & same_block, g / beta, 0.0) + tl.where(r[:, None] == c[None, :], 1.0, 0.0)
+
+
+@triton.jit
+def _g_tile(Gb, k, r, c):
+    """Tile (r, c) of G[b] (k, k)."""
+    return tl.load(Gb + r[:, None] * k + c[None, :], mask=(r[:, None] < k) & (c[None, :] < k), other=0.0)
+
+
+@triton.jit
+def _invert(A, n, BD: tl.constexpr):
+    """(A⁻¹, log det A) for a symmetric positive definite register tile A (the identity beyond
+    its leading n × n block): Gauss–Jordan elimination in place, one column per step."""
     idx = tl.arange(0, BD)
     row = idx[:, None]
     col = idx[None, :]
-    inside = (row < k) & (col < k)
-    if FUSED:
-        A = _triton.gram_tile(J + b * s_b, w + b * s_wb, 0, D, idx, idx, k, s_r, s_c, s_wr,
-                              HAS_W, False, NATIVE, PRECISION, ROWS, BD, BD)
-    else:
-        A = tl.load(G + b * k * k + tl.maximum(row, col) * k + tl.minimum(row, col), mask=inside, other=0.0)
-    same_block = (row // block_size) == (col // block_size)
-    A = tl.where(same_block & inside, A / tl.load(beta), 0.0) + tl.where(row == col, 1.0, 0.0)
-    Lb = tl.zeros((BD, BD), tl.float32)
     log_pivots = tl.zeros((BD,), tl.float32)
-    for j in range(0, k):
-        a_j = tl.sum(tl.where(col == j, A, 0.0), axis=1)          # column j of the trailing matrix
-        pivot = tl.sqrt(tl.sum(tl.where(idx == j, a_j, 0.0), axis=0))
-        l_j = tl.where(idx >= j, a_j / pivot, 0.0)
-        Lb = tl.where(col == j, l_j[:, None], Lb)
-        A = A - l_j[:, None] * l_j[None, :]
+    for j in range(0, n):
+        row_j = tl.sum(tl.where(row == j, A, 0.0), axis=0)
+        col_j = tl.sum(tl.where(col == j, A, 0.0), axis=1)
+        pivot = tl.sum(tl.where(idx == j, col_j, 0.0), axis=0)
+        new_row = tl.where(idx == j, 1.0, row_j) / pivot
+        others = tl.where(idx == j, 0.0, col_j)
+        A = tl.where(col == j, 0.0, A) - others[:, None] * new_row[None, :]
+        A = tl.where(row == j, new_row[None, :], A)
         log_pivots = tl.where(idx == j, tl.log(pivot), log_pivots)
-    tl.store(L + b * k * k + row * k + col, Lb, mask=inside)
-    tl.store(logdet + b, 2 * tl.sum(log_pivots, axis=0))
+    return A, tl.sum(log_pivots, axis=0)
 
 
-def path(B: int, D: int, d: int, device: torch.device) -> str:
-    """The schedule for this shape (see the module docstring)."""
-    if d > CHOLESKY_MAX_D:
-        return "cusolver"
-    return "fused" if B >= _triton.programs(device) // 2 else "split"
+@triton.jit
+def _tile(Mb, k, I, Jt, NB: tl.constexpr):
+    """Pointers and mask of tile (I, Jt) of the (k, k) row-major matrix at Mb."""
+    r = I * NB + tl.arange(0, NB)
+    c = Jt * NB + tl.arange(0, NB)
+    return Mb + r[:, None] * k + c[None, :], (r[:, None] < k) & (c[None, :] < k)
 
 
-def factorise(J, w, beta, block_size: int, schedule: Optional[str] = None):
-    """(logdet (B,), L (B, d, d)) in fp32 by the given schedule (default :func:`path`)."""
-    B, D, k = J.shape
-    schedule = schedule or path(B, D, k, J.device)
+@triton.jit
+def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Write M⁻¹ to Mb by block Gauss–Jordan on NB × NB tiles, in place; returns log det M."""
+    idx = tl.arange(0, NB)
+    for I in range(BLOCKS):
+        for Jt in range(BLOCKS):
+            ptr, mask = _tile(Mb, k, I, Jt, NB)
+            tl.store(ptr, _scaled(_g_tile(Gb, k, I * NB + idx, Jt * NB + idx),
+                                  I * NB + idx, Jt * NB + idx, k, beta, block_size), mask=mask)
+    tl.debug_barrier()
+    zero = tl.zeros((NB, NB), tl.float32)
+    eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
+    logdet = 0.0
+    for K in range(BLOCKS):
+        ptr, mask = _tile(Mb, k, K, K, NB)
+        pivot_block = tl.where(mask, tl.load(ptr, mask=mask, other=0.0), eye)
+        P, log_det_P = _invert(pivot_block, tl.minimum(NB, k - K * NB), NB)
+        logdet += log_det_P
+        for Jt in range(BLOCKS):  # row panel: M_KJ <- P M_KJ
+            if Jt != K:
+                ptr, mask = _tile(Mb, k, K, Jt, NB)
+                X = _triton.mma(P, tl.load(ptr, mask=mask, other=0.0), zero, _triton.SPLIT_AB)
+                tl.debug_barrier()
+                tl.store(ptr, X, mask=mask)
+        tl.debug_barrier()
+        for I in range(BLOCKS):  # other rows: M_IJ -= M_IK M_KJ, M_IK <- -M_IK P
+            if I != K:
+                f_ptr, f_mask = _tile(Mb, k, I, K, NB)
+                F = tl.load(f_ptr, mask=f_mask, other=0.0)
+                for Jt in range(BLOCKS):
+                    if Jt != K:
+                        x_ptr, x_mask = _tile(Mb, k, K, Jt, NB)
+                        ptr, mask = _tile(Mb, k, I, Jt, NB)
+                        Y = _triton.mma(-F, tl.load(x_ptr, mask=x_mask, other=0.0),
+                                        tl.load(ptr, mask=mask, other=0.0), _triton.SPLIT_AB)
+                        tl.debug_barrier()
+                        tl.store(ptr, Y, mask=mask)
+                Z = _triton.mma(-F, P, zero, _triton.SPLIT_AB)
+                tl.debug_barrier()
+                tl.store(f_ptr, Z, mask=f_mask)
+        tl.debug_barrier()
+        ptr, mask = _tile(Mb, k, K, K, NB)
+        tl.store(ptr, P, mask=mask)
+        tl.debug_barrier()
+    return logdet
+
+
+@triton.jit
+def _solve_kernel(J, w, G, beta, Minv, logdet, D, k, block_size, s_b, s_r, s_c, s_wb, s_wr,
+                  BETA_PTR: tl.constexpr, FUSED: tl.constexpr, HAS_W: tl.constexpr, MODE: tl.constexpr,
+                  ROWS: tl.constexpr, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Program b: Minv[b] = M⁻¹ and logdet[b] = log det M, M = I + mask ⊙ G[b]/β. G is
+    accumulated here (FUSED) or read from the Gram kernel's output."""
+    b = tl.program_id(0).to(tl.int64)
+    if BETA_PTR:
+        beta = tl.load(beta).to(tl.float32)
+    Mb = Minv + b * k * k
+    if BLOCKS == 1:
+        idx = tl.arange(0, NB)
+        if FUSED:
+            g = _triton.gram_tile(J + b * s_b, w + b * s_wb, 0, D, idx, idx, k, s_r, s_c, s_wr,
+                                  HAS_W, False, MODE, ROWS, NB, NB)
+        else:
+            g = _g_tile(G + b * k * k, k, idx, idx)
+        A, ld = _invert(_scaled(g, idx, idx, k, beta, block_size), k, NB)
+        ptr, mask = _tile(Mb, k, 0, 0, NB)
+        tl.store(ptr, A, mask=mask)
+    else:
+        ld = _blocked_inverse(G + b * k * k, Mb, k, beta, block_size, NB, BLOCKS)
+    tl.store(logdet + b, ld)
+
+
+@dataclass(frozen=True)
+class SolverPlan:
+    fused: bool
+    block: int          # NB: side of the register tile
+    blocks: int         # tiles per side (1: all in registers)
+    rows: int           # rows of J per step (fused)
+    mode: int           # product mode of the fused Gram
+    num_warps: int
+
+
+def solver_plan(B: int, D: int, d: int, dtype: torch.dtype, weighted: bool, device: torch.device,
+                schedule: Optional[str] = None) -> SolverPlan:
+    """Launch sizes of the solver for J (B, D, d); ``schedule`` forces one of PATHS."""
+    if schedule is None:
+        schedule = "fused" if d <= FUSED_MAX_D and B >= _triton.programs(device) // 2 else "split"
     if schedule not in PATHS:
         raise ValueError(f"schedule must be one of {PATHS}, got {schedule!r}")
-    beta = beta.to(device=J.device, dtype=torch.float32).reshape(1)
-    if schedule == "cusolver":
-        G = _triton.symmetric(_triton.gram(J, w))
-        if block_size < k:
-            G = G * block_mask(k, block_size, device=G.device, dtype=G.dtype)
-        M = G / beta + torch.eye(k, device=G.device, dtype=G.dtype)
-        L = torch.linalg.cholesky_ex(M)[0].contiguous()  # cuSOLVER returns column-major
-        return 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1), L
-    if k > REGISTER_MAX_D:
-        raise ValueError(f"schedule {schedule!r} factorises in registers, for d <= {REGISTER_MAX_D}; got {k}")
-    fused = schedule == "fused"
-    G = None if fused else _triton.gram(J, w)
-    L = torch.empty(B, k, k, dtype=torch.float32, device=J.device)
+    block = min(_triton.pad(d), SOLVER_BLOCK)
+    blocks = triton.cdiv(d, block)
+    if schedule == "fused" and blocks > 1:
+        raise ValueError(f"the fused schedule holds M in registers, for d <= {SOLVER_BLOCK}; got {d}")
+    mode = _triton.product_mode(torch.float32 if weighted else dtype, dtype)
+    return SolverPlan(schedule == "fused", block, blocks, _triton.step_rows(block), mode,
+                      4 if block <= 32 else 8)
+
+
+def forward(J, w, beta, block_size: int, schedule: Optional[str] = None):
+    """(log det M (B,), M⁻¹ (B, d, d)) in fp32; ``schedule`` as in :func:`solver_plan`."""
+    B, D, k = J.shape
+    plan = solver_plan(B, D, k, J.dtype, w is not None, J.device, schedule)
+    G = None if plan.fused else _triton.gram(J, w)
+    Minv = torch.empty(B, k, k, dtype=torch.float32, device=J.device)
     logdet = torch.empty(B, dtype=torch.float32, device=J.device)
-    native, precision = _triton.dot_mode(J.dtype, w is not None)
-    _logdet_kernel[(B,)](
-        J, J if w is None else w, L if G is None else G, beta, L, logdet, D, k, block_size,
-        *J.stride(), *((0, 0) if w is None else w.stride()),
-        FUSED=fused, HAS_W=w is not None, NATIVE=native, PRECISION=precision,
-        ROWS=_triton.step_rows(_triton.pad(k)), BD=_triton.pad(k), num_warps=_triton.warps(_triton.pad(k) ** 2))
-    return logdet, L
+    beta_ptr = beta.device == J.device  # a host β is passed by value: no copy, no sync
+    _triton.launch(
+        _solve_kernel, (B,), J.device,
+        J, J if w is None else w, Minv if G is None else G, beta if beta_ptr else float(beta),
+        Minv, logdet, D, k, block_size, *J.stride(), *((0, 0) if w is None else w.stride()),
+        BETA_PTR=beta_ptr, FUSED=plan.fused, HAS_W=w is not None, MODE=plan.mode, ROWS=plan.rows,
+        NB=plan.block, BLOCKS=plan.blocks, num_warps=plan.num_warps)
+    return logdet, Minv
 
 
-def forward(J, w, beta, block_size: int):
-    return factorise(J, w, beta, block_size)
-
-
-def backward(J, w, beta, block_size, L, grad, needs_input_grad=(True, True, True)):
-    """(∂/∂J, ∂/∂w, ∂/∂β) of Σ_b grad_b log det M_b: Γ = M⁻¹ grad/β, one pass over J."""
-    beta = beta.to(L.dtype)
-    grad = grad.to(L.dtype)
-    m_inv = torch.cholesky_inverse(L)
-    grad_J, grad_w = _triton.apply_gamma(J, w, m_inv * (grad / beta)[:, None, None],
-                                         needs_input_grad[0], needs_input_grad[1])
-    grad_beta = None
-    if needs_input_grad[2]:
-        d = L.shape[-1]
-        grad_beta = -(grad * (d - m_inv.diagonal(dim1=-2, dim2=-1).sum(-1))).sum() / beta
-    return grad_J, grad_w, grad_beta
-
-
-def posterior_covariance(J, w, beta):
-    """Σ* = M⁻¹ from the same factorisation."""
-    _, L = factorise(J, w, beta, J.shape[-1])
-    return torch.cholesky_inverse(L).contiguous()  # the layout register_fake promises
-
-
-def posterior_covariance_backward(J, w, beta, sigma, grad, needs_input_grad=(True, True, True)):
-    """dΣ = −Σ dM Σ: Γ = −Σ sym(grad) Σ/β, one pass over J; ∂Σ/∂β = (Σ − Σ²)/β."""
-    beta = beta.to(sigma.dtype)
-    grad = grad.to(sigma.dtype)
-    sym = (grad + grad.mT) / 2
-    grad_J, grad_w = _triton.apply_gamma(J, w, -(sigma @ sym @ sigma) / beta,
-                                         needs_input_grad[0], needs_input_grad[1])
-    grad_beta = (grad * (sigma - sigma @ sigma)).sum() / beta if needs_input_grad[2] else None
-    return grad_J, grad_w, grad_beta
-
-
-_dispatch.register(OP, "triton", _dispatch.Implementation(forward, backward, _triton.unsupported))
-_dispatch.register(COVARIANCE_OP, "triton", _dispatch.Implementation(
-    posterior_covariance, posterior_covariance_backward, _triton.unsupported))
+IMPLEMENTATIONS = {"triton": _dispatch.Implementation(
+    forward=forward, gram_backward=_triton.gram_backward, supports=_triton.unsupported)}

@@ -6,7 +6,9 @@ each tangent, T_i Wᵀ, writing σ′(a) ⊙ T_i Wᵀ — the matmul over [h; T_
 that differs for primal and tangent rows, so σ′ is never stored or re-read.
 Backward: one kernel forms ḡa = ḡy ⊙ σ′(a) + σ″(a) ⊙ Σ_i ḡU_i ⊙ (T_i Wᵀ) (recomputing T_i Wᵀ
 tile by tile; skipped for identity/ReLU where σ″ = 0) and ḡV_i = ḡU_i ⊙ σ′(a); the three
-products with W, h and T are then plain GEMMs (cuBLAS). Shapes as ``reference``.
+products with W, h and T are then plain GEMMs (cuBLAS). The in-kernel products run on tensor
+cores (``_triton.mma``: 16-bit natively, float32 as 3xTF32). Offsets are int64 (k·N·OUT may
+pass 2³¹). Shapes as ``reference``.
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dataclasses import dataclass
+
 from .. import _dispatch, _triton
-from . import OP
 
 CODES = {"identity": 0, "relu": 1, "elu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
-BLOCK_N, BLOCK_O, BLOCK_I = 32, 64, 32
 
 
 @triton.jit
@@ -49,64 +51,73 @@ def _derivatives(a, ACT: tl.constexpr):
 
 @triton.jit
 def _times_wt(x, W, rn, ro, N, IN, OUT,
-              PRECISION: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr):
-    """Tile (rn, ro) of x Wᵀ in fp32; x (N, IN) and W (OUT, IN) contiguous."""
+              MODE: tl.constexpr, BI: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr):
+    """Tile (rn, ro) of x Wᵀ in fp32; x (N, IN) and W (OUT, IN) contiguous, rn and ro int64."""
     acc = tl.zeros((BN, BO), dtype=tl.float32)
     for i0 in range(0, IN, BI):
         ri = i0 + tl.arange(0, BI)
         xa = tl.load(x + rn[:, None] * IN + ri[None, :], mask=(rn[:, None] < N) & (ri[None, :] < IN), other=0.0)
         wb = tl.load(W + ro[None, :] * IN + ri[:, None], mask=(ro[None, :] < OUT) & (ri[:, None] < IN), other=0.0)
-        acc += tl.dot(xa, wb, input_precision=PRECISION, out_dtype=tl.float32)
+        acc = _triton.mma(xa, wb, acc, MODE)
     return acc
 
 
 @triton.jit
 def _forward_kernel(h, T, W, bias, y, U, A, N, IN, OUT, K,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                    PRECISION: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+                    MODE: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    ro = tl.program_id(1) * BO + tl.arange(0, BO)
+    ro = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     mask = (rn[:, None] < N) & (ro[None, :] < OUT)
     tile = rn[:, None] * OUT + ro[None, :]
-    a = _times_wt(h, W, rn, ro, N, IN, OUT, PRECISION, BI, BN, BO)
+    a = _times_wt(h, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
     if HAS_BIAS:
         a += tl.load(bias + ro, mask=ro < OUT, other=0.0).to(tl.float32)[None, :]
     value, s1, _s2 = _derivatives(a, ACT)
     tl.store(y + tile, value, mask=mask)
     tl.store(A + tile, a, mask=mask)
     for t in range(K):  # tangent rows: same tile of the matmul, σ′(a) ⊙ epilogue
-        v = _times_wt(T + t * N * IN, W, rn, ro, N, IN, OUT, PRECISION, BI, BN, BO)
-        tl.store(U + t * N * OUT + tile, s1 * v, mask=mask)
+        v = _times_wt(T + t.to(tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
+        tl.store(U + t.to(tl.int64) * N * OUT + tile, s1 * v, mask=mask)
 
 
 @triton.jit
 def _backward_kernel(T, W, A, gy, gU, ga, gV, N, IN, OUT, K,
                      ACT: tl.constexpr, SECOND: tl.constexpr,
-                     PRECISION: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
+                     MODE: tl.constexpr, BN: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr):
     rn = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
-    ro = tl.program_id(1) * BO + tl.arange(0, BO)
+    ro = tl.program_id(1).to(tl.int64) * BO + tl.arange(0, BO)
     mask = (rn[:, None] < N) & (ro[None, :] < OUT)
     tile = rn[:, None] * OUT + ro[None, :]
     a = tl.load(A + tile, mask=mask, other=0.0).to(tl.float32)
     _value, s1, s2 = _derivatives(a, ACT)
     g = tl.load(gy + tile, mask=mask, other=0.0).to(tl.float32) * s1
     for t in range(K):
-        gu = tl.load(gU + t * N * OUT + tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gV + t * N * OUT + tile, gu * s1, mask=mask)
+        gu = tl.load(gU + t.to(tl.int64) * N * OUT + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gV + t.to(tl.int64) * N * OUT + tile, gu * s1, mask=mask)
         if SECOND:
-            v = _times_wt(T + t * N * IN, W, rn, ro, N, IN, OUT, PRECISION, BI, BN, BO)
+            v = _times_wt(T + t.to(tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
             g += s2 * gu * v
     tl.store(ga + tile, g, mask=mask)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 is IEEE unless the user allowed TF32 (as torch.matmul);
-    float16/bfloat16 multiply natively. Accumulation is fp32 throughout."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+@dataclass(frozen=True)
+class TangentPlan:
+    rows: int       # BN: rows of h per program
+    outputs: int    # BO: output features per program
+    inputs: int     # BI: input features per step
+    mode: int
+    num_warps: int
+    num_stages: int
 
 
-def _grid(N: int, OUT: int):
-    return (triton.cdiv(N, BLOCK_N), triton.cdiv(OUT, BLOCK_O))
+def tangent_plan(N: int, IN: int, OUT: int, K: int, dtype: torch.dtype) -> TangentPlan:
+    """Launch sizes of both kernels for h (N, IN), W (OUT, IN), K tangents of ``dtype``."""
+    return TangentPlan(32, 64, 32, _triton.product_mode(dtype, dtype), 4, 2)
+
+
+def _grid(plan: TangentPlan, N: int, OUT: int):
+    return (triton.cdiv(N, plan.rows), triton.cdiv(OUT, plan.outputs))
 
 
 def forward(h, tangents, weight, bias, name):
@@ -115,11 +126,12 @@ def forward(h, tangents, weight, bias, name):
     y = h.new_empty(N, OUT)
     A = h.new_empty(N, OUT)
     U = h.new_empty(K, N, OUT)
-    precision = _precision(h.dtype)
-    _forward_kernel[_grid(N, OUT)](
+    plan = tangent_plan(N, IN, OUT, K, h.dtype)
+    _triton.launch(
+        _forward_kernel, _grid(plan, N, OUT), h.device,
         h, T, W, h if bias is None else bias.contiguous(), y, U, A, N, IN, OUT, K,
-        HAS_BIAS=bias is not None, ACT=CODES[name], PRECISION=precision,
-        BN=BLOCK_N, BO=BLOCK_O, BI=BLOCK_I)
+        HAS_BIAS=bias is not None, ACT=CODES[name], MODE=plan.mode, BN=plan.rows, BO=plan.outputs,
+        BI=plan.inputs, num_warps=plan.num_warps, num_stages=plan.num_stages)
     return y, U, A
 
 
@@ -128,11 +140,12 @@ def backward(h, tangents, weight, bias, name, a, grad_y, grad_U, needs=(True, Tr
     (N, IN), OUT, K = h.shape, W.shape[0], T.shape[0]
     grad_a = torch.empty_like(a)
     grad_V = torch.empty_like(grad_U, memory_format=torch.contiguous_format)
-    precision = _precision(h.dtype)
-    _backward_kernel[_grid(N, OUT)](
+    plan = tangent_plan(N, IN, OUT, K, h.dtype)
+    _triton.launch(
+        _backward_kernel, _grid(plan, N, OUT), h.device,
         T, W, a.contiguous(), grad_y.contiguous(), grad_U.contiguous(), grad_a, grad_V, N, IN, OUT, K,
-        ACT=CODES[name], SECOND=name not in ("identity", "relu"), PRECISION=precision,
-        BN=BLOCK_N, BO=BLOCK_O, BI=BLOCK_I)
+        ACT=CODES[name], SECOND=name not in ("identity", "relu"), MODE=plan.mode, BN=plan.rows,
+        BO=plan.outputs, BI=plan.inputs, num_warps=plan.num_warps, num_stages=plan.num_stages)
     grad_h = grad_a @ W if needs[0] else None
     grad_T = grad_V @ W if needs[1] else None
     grad_W = grad_a.mT @ h + grad_V.flatten(0, 1).mT @ T.flatten(0, 1) if needs[2] else None
@@ -149,4 +162,4 @@ def unsupported(*, device_type, dtype, **_sizes):
     return None
 
 
-_dispatch.register(OP, "triton", _dispatch.Implementation(forward, backward, unsupported))
+IMPLEMENTATIONS = {"triton": _dispatch.Implementation(forward=forward, backward=backward, supports=unsupported)}
