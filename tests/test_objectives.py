@@ -254,3 +254,96 @@ def test_flat_data_against_image_output(estimator):
     flat = fastjac.grae_loss(dec, z, x.flatten(1), BETA, estimator=estimator, observation="bernoulli",
                              generator=gen())
     assert_close("flat x", shaped, flat)
+
+
+# ----------------------------------------------------------------------------- latents of any shape
+class SpatialDecoder(torch.nn.Module):
+    """(B, 2, 3, 3) codes -> (B, 1, 4, 4) images."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.lin = torch.nn.Linear(27, 16)
+
+    def forward(self, z):
+        return torch.sigmoid(self.lin(torch.tanh(self.conv(z)).flatten(1))).reshape(-1, 1, 4, 4)
+
+
+SPATIAL_CASES = [dict(estimator="exact"), dict(estimator="fischer", block_size=4),
+                 dict(estimator="hadamard"), dict(estimator="frobenius"),
+                 dict(estimator="stochastic", num_columns=3), dict(estimator="stochastic", num_columns=2, block_size=5),
+                 dict(estimator="exact", chunk_size=7), dict(estimator="hutchinson_cg", num_probes=2),
+                 dict(estimator="stochastic", block_size=3, orthogonality_weight=0.4),
+                 dict(estimator="exact", observation="bernoulli", orthogonality_weight=0.2, block_size=6)]
+
+
+@pytest.mark.parametrize("options", SPATIAL_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_spatial_latent_equals_the_flattened_computation(options):
+    """z (B, 2, 3, 3): value and gradients (z, decoder parameters) equal those of the same decoder
+    behind a flattening lambda with z (B, 18), in float64."""
+    dec = SpatialDecoder().double()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = (torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) > 0.5).double()
+    params = [z, *dec.parameters()]
+
+    def run(decoder, code):
+        gen = torch.Generator().manual_seed(11)
+        return fastjac.grae_loss(decoder, code, x, BETA, reduction="none", generator=gen, **options)
+
+    shaped = run(dec, z)
+    flat = run(lambda v: dec(v.reshape(-1, 2, 3, 3)), z.reshape(3, 18))
+    assert_close("value", flat, shaped, rtol=1e-12)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(shaped.sum(), params),
+                                   torch.autograd.grad(flat.sum(), params))):
+        assert_close(f"grad {i}", b, a, rtol=1e-10)
+
+
+def test_spatial_latent_in_every_public_entry_point():
+    dec = SpatialDecoder().double()
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.rand(2, 16, generator=g, dtype=torch.float64)
+    flat_dec = lambda v: dec(v.reshape(-1, 2, 3, 3))  # noqa: E731
+    zf = z.reshape(2, 18)
+    mu, C = _posterior(2, 18, 5, block=3)
+    mu = mu.reshape(2, 2, 3, 3)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    pairs = [
+        (fastjac.jacobian_regularizer(dec, z, BETA, generator=gen()),
+         fastjac.jacobian_regularizer(flat_dec, zf, BETA, generator=gen())),
+        (fastjac.nn.JacobianRegularizer(BETA, estimator="exact")(dec, z),
+         fastjac.nn.JacobianRegularizer(BETA, estimator="exact")(flat_dec, zf)),
+        (fastjac.grae_terms(dec, z, x, BETA).code, BETA / 2 * (zf ** 2).sum(-1)),
+        (fastjac.taylor_beta_vae_loss(dec, mu, C, x, BETA), fastjac.taylor_beta_vae_loss(flat_dec, mu.reshape(2, 18), C, x, BETA)),
+        (fastjac.beta_vae_loss(dec, mu, C, x, BETA, num_samples=3, generator=gen()),
+         fastjac.beta_vae_loss(flat_dec, mu.reshape(2, 18), C, x, BETA, num_samples=3, generator=gen())),
+        (fastjac.gaussian_kl(mu, C), fastjac.gaussian_kl(mu.reshape(2, 18), C)),
+    ]
+    for i, (shaped, flat) in enumerate(pairs):
+        assert_close(f"entry point {i}", flat, shaped, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"scale_tril must have shape \(B, d, d\) = \(2, 18, 18\)"):
+        fastjac.beta_vae_loss(dec, mu, C[:, :9, :9], x, BETA)
+
+
+def test_return_output_is_the_decoder_output_of_the_same_pass():
+    """One primal pass: the output returned with the regulariser is g(z), differentiable, and the
+    decoder ran once (one call carrying the tangents)."""
+    dec = SpatialDecoder().double()
+    calls = []
+
+    def counted(v):
+        calls.append(1)
+        return dec(v)
+
+    z = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    for reg in (lambda: fastjac.jacobian_regularizer(counted, z, BETA, return_output=True),
+                lambda: fastjac.nn.JacobianRegularizer(BETA)(counted, z, return_output=True)):
+        calls.clear()
+        value, out = reg()
+        assert len(calls) == 1 and value.shape == ()
+        assert_close("output", dec(z), out, rtol=1e-14)
+        g_out = torch.autograd.grad(out.sum(), z)[0]
+        assert_close("output gradient", torch.autograd.grad(dec(z).sum(), z)[0], g_out, rtol=1e-12)
+    assert torch.is_tensor(fastjac.jacobian_regularizer(dec, z, BETA))
