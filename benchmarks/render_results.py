@@ -8,8 +8,9 @@ A generated section is the text between ``<!-- generated:NAME -->`` and ``<!-- /
 nothing outside those markers is touched. Each NAME has one renderer, a function of a results
 folder returning Markdown that names the command, the machine and the date of the numbers:
 
-- here: ``bench`` (``fastjac bench --json`` files in ``benchmarks/results/``) and ``extension-cpu``
-  (``benchmarks/results/extension_cpu.json``), both in README.md;
+- here, all in README.md, from ``benchmarks/results/``: ``bench`` (every ``fastjac bench --json``
+  file), ``extension-cpu`` (``extension_cpu.json``), ``jacobian-memory`` (``jacobian_memory.json``)
+  and ``hutchinson`` (``hutchinson_cpu.json``);
 - ``fastjac.experiments.tables.RENDERERS`` (name -> function(results_dir) -> Markdown), reading
   ``docs/results/``, for the sections of docs/reproduction.md.
 
@@ -119,10 +120,73 @@ def extension_cpu(folder: str) -> str:
     return "\n".join(lines)
 
 
+def _study_head(r: dict, name: str, default_command: str) -> str:
+    """'Source: file, command, machine, date' for a study's results (also those written before the harness)."""
+    if "machine" in r and "cpu" in r["machine"]:
+        machine, date = results.machine_line(r["machine"]), r["machine"]["date"]
+    else:  # older files: {"environment"|"machine": {...}, "date"}
+        env = r.get("environment") or r.get("machine", {})
+        machine = f"{env.get('cpu') or env.get('processor')}, {env.get('threads')} torch threads, torch {env['torch']}"
+        date = env.get("date") or r.get("date")
+    return (f"Source: `benchmarks/results/{name}`, written by `{r.get('command') or default_command}` "
+            f"on {machine}, {date}.")
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.0f} MiB"
+
+
+def jacobian_memory(folder: str) -> str:
+    """Peak memory of an exact-GRAE step with and without chunk_size, and column throughput."""
+    name = "jacobian_memory.json"
+    r = results.load(os.path.join(folder, name))
+    lines = [_study_head(r, name, f"python benchmarks/jacobian_memory.py --out benchmarks/results/{name}"), "",
+             "| device | exact-GRAE step (App. D MNIST decoder) | peak, unchunked | peak, `chunk_size=4` | ratio "
+             "| ratio net of the pre-step footprint | same loss |", "|---|---|---:|---:|---:|---:|---|"]
+    for m in r.get("memory", []):
+        plain, chunked = m["runs"]["unchunked"], m["runs"][f"chunk_size={m['chunk_size']}"]
+        lines.append(f"| {m['device']} | B={m['B']} d={m['d']} width={m['width']:g} | "
+                     f"{_mib(plain['peak_bytes'])} | {_mib(chunked['peak_bytes'])} | "
+                     f"{m['peak_ratio']:.2f} | {m['step_ratio']:.2f} | {'yes' if m['same_loss'] else 'no'} |")
+    lines += ["", "| device | Jacobian of an MLP decoder | `jacobian_columns` vs `vmap(jacfwd)` "
+              "| vs per-sample `functional.jacobian` |", "|---|---|---:|---:|"]
+    for t in r.get("throughput", []):
+        lines.append(f"| {t['device']} | B={t['B']} d={t['d']} D={t['D']} hidden={t['hidden']} | "
+                     f"{t['speedup_vs_vmap_jacfwd']:.2f}× | {t['speedup_vs_per_sample_jacobian']:.0f}× |")
+    return "\n".join(lines)
+
+
+def _fastest_within(rows: list, tau: float):
+    ok = [x for x in rows if x["estimator"] == "hutchinson_cg" and x["loss_err"] <= tau]
+    return min(ok, key=lambda x: x["seconds"]) if ok else None
+
+
+def hutchinson(folder: str, tau: float = 0.05) -> str:
+    """estimator="hutchinson_cg" against "exact": ms per step and the fastest setting within a loss error."""
+    name = "hutchinson_cpu.json"
+    r = results.load(os.path.join(folder, name))
+    lines = [_study_head(r, name, f"python benchmarks/hutchinson.py --json benchmarks/results/{name}")
+             + " Times are the best of the interleaved repeats.", "",
+             f"| decoder | d | exact (ms/step) | GRAE≈ k=1 (ms/step) | fastest `hutchinson_cg` with loss-gradient "
+             f"error ≤ {tau:g} (ms/step, P, k) | its time vs exact |", "|---|---:|---:|---:|---|---:|"]
+    for model, d in dict.fromkeys((x["model"], x["d"]) for x in r["rows"]):
+        here = [x for x in r["rows"] if x["model"] == model and x["d"] == d]
+        exact, stochastic = (next(x for x in here if x["estimator"] == e) for e in ("exact", "stochastic"))
+        best = _fastest_within(here, tau)
+        cell = "none in the grid" if best is None else \
+            f"{1e3 * best['seconds']:.1f} (P={best['probes']}, k={best['cg_max_iter']})"
+        ratio = "" if best is None else f"{best['seconds'] / exact['seconds']:.2f}"
+        lines.append(f"| {model} | {d} | {1e3 * exact['seconds']:.1f} | {1e3 * stochastic['seconds']:.1f} | "
+                     f"{cell} | {ratio} |")
+    return "\n".join(lines)
+
+
 def renderers() -> dict[str, Renderer]:
     """Every section name -> its renderer: the benchmark ones here and the experiments' tables."""
     out = {"bench": Renderer(bench_tables, "README.md", "benchmarks/results"),
-           "extension-cpu": Renderer(extension_cpu, "README.md", "benchmarks/results")}
+           "extension-cpu": Renderer(extension_cpu, "README.md", "benchmarks/results"),
+           "jacobian-memory": Renderer(jacobian_memory, "README.md", "benchmarks/results"),
+           "hutchinson": Renderer(hutchinson, "README.md", "benchmarks/results")}
     for name, fn in _science_renderers().items():
         out[name] = Renderer(fn, "docs/reproduction.md", "docs/results")
     return out
