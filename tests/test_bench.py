@@ -193,6 +193,20 @@ def test_results_record_names_the_command_and_machine_and_writes_atomically(tmp_
     assert r["machine"]["cpu"] in line and "torch threads" in line
 
 
+@pytest.mark.parametrize("device,quick", [("cpu", False), ("cpu", True), ("cuda", False)])
+def test_every_group_is_timed_against_a_hand_written_baseline(device, quick):
+    """No group compares fastjac with itself: the baseline is what a user writes, or the plain step."""
+    groups = suites.groups(device, quick=quick)
+    assert {g.area for g in groups} == set(suites.AREAS)
+    hand_written = {baselines.OPERATOR_LABEL, *baselines.JACOBIANS, "plain AE"}
+    for g in groups:
+        assert g.baseline.label in hand_written, g.title
+        labels = [r.label for r in g.rivals]
+        assert g.baseline.label not in labels and len(set(labels)) == len(labels), g.title
+    k1 = [r for g in groups for r in g.rivals if r.label.startswith("GRAE≈ k=1")]
+    assert k1 and all(r.targets for r in k1)   # the cost target is attached where it is judged
+
+
 def test_targets():
     assert suites.Target("≤ 2.2×", at_most=2.2).holds(2.1)
     assert not suites.Target("≤ 2.2×", at_most=2.2).holds(2.3)
