@@ -38,7 +38,8 @@ def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
     factorisation shows as a non-finite log det. Differentiable (the double-backward path)."""
     L, _info = torch.linalg.cholesky_ex(matrix(J, w, beta, block_size))
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return logdet, torch.cholesky_inverse(L)
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    return logdet, torch.cholesky_solve(eye, L)  # cholesky_inverse would raise (and sync) on a failed L
 
 
 def gamma(m_inv: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
@@ -83,12 +84,12 @@ def backward(J, w, beta, m_inv, grad_logdet, grad_sigma, needs, gram_backward: C
     return grad_J, grad_w, grad_beta
 
 
-def scaled_inverse_sum(m_inv: Tensor, column_norms: Tensor, beta: Tensor) -> Tensor:
-    """κ = Σ_ij |M⁻¹_ij| √(M_ii M_jj) (B,), M_ii = 1 + n_i/β: the first-order bound on
-    |δ log det| per unit of componentwise error |δM_ij| <= ε √(M_ii M_jj), which is the form
-    both the Gram's and the Cholesky's float32 rounding errors take (Cauchy–Schwarz)."""
+def _scaled(m_inv: Tensor, column_norms: Tensor, beta: Tensor) -> Tensor:
+    """M⁻¹_ij √(M_ii M_jj) (B, d, d), M_ii = 1 + n_i/β: M⁻¹ in the units of the rounding errors.
+    Both the Gram's and the Cholesky's float32 errors are componentwise |δM_ij| <= ε √(M_ii M_jj)
+    (Cauchy–Schwarz on the rows of J and of L)."""
     s = torch.sqrt(1 + column_norms.to(m_inv.dtype) / beta.to(m_inv.dtype))
-    return (m_inv.abs() * s[:, :, None] * s[:, None, :]).sum((-2, -1))
+    return m_inv * s[:, :, None] * s[:, None, :]
 
 
 def unit_error(D: int, d: int, dtype: torch.dtype) -> float:
@@ -98,16 +99,18 @@ def unit_error(D: int, d: int, dtype: torch.dtype) -> float:
 
 
 def logdet_accurate(logdet: Tensor, m_inv: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
-    """(B,) bool: the estimated rounding error of log det, ε κ, is within FLOAT32_TOLERANCE
-    (1 + |log det|); False also for a non-finite log det."""
-    error = unit_error(D, m_inv.shape[-1], m_inv.dtype) * scaled_inverse_sum(m_inv, column_norms, beta)
+    """(B,) bool: the estimated rounding error of log det is within FLOAT32_TOLERANCE (1 + |log det|);
+    False also for a non-finite log det. δ log det = tr(M⁻¹ δM) = Σ_ij M⁻¹_ij δM_ij; with errors
+    of independent signs its size is ε ‖M⁻¹_ij √(M_ii M_jj)‖_F."""
+    error = unit_error(D, m_inv.shape[-1], m_inv.dtype) * torch.linalg.matrix_norm(_scaled(m_inv, column_norms, beta))
     return error <= FLOAT32_TOLERANCE * (1 + logdet.abs())
 
 
 def covariance_accurate(sigma: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
-    """(B,) bool: |δΣ| <= |Σ| |δM| |Σ| <= ε (|Σ| s)(|Σ| s)ᵀ, so ‖δΣ‖_F / ‖Σ‖_F <= ε ‖|Σ| s‖² / ‖Σ‖_F
-    is within FLOAT32_TOLERANCE (s_i = √M_ii); False also for a non-finite Σ."""
+    """(B,) bool: the estimated relative error of Σ = M⁻¹ is within FLOAT32_TOLERANCE; False also
+    for a non-finite Σ. δΣ = −Σ δM Σ; with errors of independent signs
+    ‖δΣ‖_F ≈ ε ‖Σ diag(√M_ii)‖_F²."""
     s = torch.sqrt(1 + column_norms.to(sigma.dtype) / beta.to(sigma.dtype))
-    spread = (sigma.abs() @ s.unsqueeze(-1)).squeeze(-1).square().sum(-1)
+    spread = (sigma * s[:, None, :]).square().sum((-2, -1))
     error = unit_error(D, sigma.shape[-1], sigma.dtype) * spread
     return error <= FLOAT32_TOLERANCE * torch.linalg.matrix_norm(sigma)
