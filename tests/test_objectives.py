@@ -1,10 +1,13 @@
 """GRAE, β-VAE and Taylor objectives (SPEC §4) against brute force, identities and unbiasedness."""
+import itertools
 import math
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import fastjac
+from fastjac.estimators import stochastic
 from decoders import brute_jacobian, conv_decoder
 from utils import assert_close, mlp_decoder
 
@@ -46,7 +49,7 @@ def _nll(observation, out, x):
     return torch.nn.functional.binary_cross_entropy_with_logits(out, x, reduction="none").flatten(1).sum(-1)
 
 
-def brute_grae(dec, z, x, beta, observation, regulariser):
+def brute_grae(dec, z, x, beta, observation, regulariser, block=2):
     out = dec(z)
     J = brute_jacobian(dec, z, create_graph=True)
     w = _weights(observation, out, x)
@@ -57,9 +60,9 @@ def brute_grae(dec, z, x, beta, observation, regulariser):
         R = torch.linalg.slogdet(torch.eye(d, dtype=z.dtype) + G / beta)[1]
     elif regulariser == "hadamard":
         R = torch.log1p(G.diagonal(dim1=-2, dim2=-1) / beta).sum(-1)
-    elif regulariser == "fischer":  # blocks of 2
-        R = sum(torch.linalg.slogdet(torch.eye(min(2, d - s), dtype=z.dtype) + G[:, s:s + 2, s:s + 2] / beta)[1]
-                for s in range(0, d, 2))
+    elif regulariser == "fischer":  # blocks of `block`
+        R = sum(torch.linalg.slogdet(torch.eye(min(block, d - s), dtype=z.dtype)
+                                     + G[:, s:s + block, s:s + block] / beta)[1] for s in range(0, d, block))
     else:  # frobenius
         R = G.diagonal(dim1=-2, dim2=-1).sum(-1) / beta
     return _nll(observation, out, x) + beta / 2 * (z ** 2).sum(-1) + beta / 2 * R
@@ -85,6 +88,31 @@ def test_grae_value_and_gradients_match_brute_force(kind, observation, estimator
             assert_close(f"grad {i}", b, a)
 
 
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 4), d=st.integers(1, 5), D=st.integers(1, 9), block=st.integers(1, 5),
+       estimator=st.sampled_from(["exact", "fischer", "hadamard", "frobenius"]),
+       observation=st.sampled_from(["gaussian", "bernoulli", "bernoulli_logits"]),
+       log_beta=st.floats(-2, 2), seed=st.integers(0, 2 ** 16))
+def test_grae_matches_brute_force_on_random_shapes(B, d, D, block, estimator, observation, log_beta, seed):
+    """Value and gradients (z, parameters, β) of grae_loss against reverse-mode brute force, float64."""
+    g = torch.Generator().manual_seed(seed)
+    net = mlp_decoder(d, D, hidden=6, seed=seed % 97)
+    dec = (lambda v: torch.sigmoid(net(v))) if observation == "bernoulli" else net
+    z = torch.randn(B, d, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(B, D, generator=g, dtype=torch.float64)
+    x = (x > 0.5).double() if observation == "bernoulli" else x
+    beta = torch.tensor(math.exp(log_beta), dtype=torch.float64, requires_grad=True)
+    inputs = [z, beta, *net.parameters()]
+    ours = fastjac.grae_loss(dec, z, x, beta, estimator=estimator, block_size=block, observation=observation,
+                             reduction="none")
+    ref = brute_grae(dec, z, x, beta, observation, estimator, block=block)
+    assert_close("value", ref, ours)
+    probe = torch.rand(B, generator=g, dtype=torch.float64)  # a random combination of the per-sample losses
+    for i, (a, b) in enumerate(zip(torch.autograd.grad((ours * probe).sum(), inputs),
+                                   torch.autograd.grad((ref * probe).sum(), inputs))):
+        assert_close(f"grad {i}", b, a)
+
+
 def test_reductions_and_beta_tensor_gradient():
     dec, _, z, x = _setup("mlp", "gaussian")
     per = fastjac.grae_loss(dec, z, x, BETA, reduction="none")
@@ -100,43 +128,88 @@ def _fixed_J_decoder(J):
     return lambda z: (J @ z.unsqueeze(-1)).squeeze(-1)
 
 
-DRAWS = 2000
+def _enumerated(J, monkeypatch, *, num_columns=1, block_size=1, orthogonality_weight=0.0):
+    """(R, orthogonality) of the stochastic estimator for EVERY equally likely outcome of its draws:
+    one replica of the batch per outcome, the estimator's ``draw`` replaced by that assignment.
+    Their mean is the estimator's exact expectation under uniform draws (the uniformity of
+    ``draw`` itself is tested separately)."""
+    B, D, d = J.shape
+    blocks = -(-d // block_size)
+    block_outcomes = list(itertools.product(range(blocks), repeat=num_columns))
+    n_pairs = len(stochastic.off_block_pairs(d, block_size, J.device)) if orthogonality_weight else 1
+    outcomes = [(b, p) for b in block_outcomes for p in range(n_pairs)]
+    n = len(outcomes)
+    assigned_blocks = torch.tensor([b for b, _ in outcomes]).repeat_interleave(B, 0)    # (n·B, k)
+    assigned_pairs = torch.tensor([p for _, p in outcomes]).repeat_interleave(B, 0)     # (n·B,)
+
+    def fixed(high, shape, z, generator):
+        drawn = assigned_blocks if len(shape) == 2 else assigned_pairs
+        assert high == (blocks if len(shape) == 2 else n_pairs) and drawn.shape == tuple(shape)
+        return drawn
+
+    monkeypatch.setattr(stochastic, "draw", fixed)
+    J_rep = J.repeat(n, 1, 1)
+    z = torch.zeros(n * B, d, dtype=J.dtype)
+    x = torch.zeros(n * B, D, dtype=J.dtype)
+    t = fastjac.grae_terms(_fixed_J_decoder(J_rep), z, x, BETA, estimator="stochastic", num_columns=num_columns,
+                           block_size=block_size, orthogonality_weight=orthogonality_weight)
+    return t.regularizer.reshape(n, B) * 2 / BETA, t.orthogonality.reshape(n, B)
 
 
-def _draws(J, z, **kwargs):
-    """DRAWS independent draws per sample in one call: the batch is repeated DRAWS times."""
-    B = J.shape[0]
-    J_rep, z_rep = J.repeat(DRAWS, 1, 1), z.repeat(DRAWS, 1)
-    x = torch.zeros(DRAWS * B, J.shape[1], dtype=J.dtype)
-    t = fastjac.grae_terms(_fixed_J_decoder(J_rep), z_rep, x, BETA, estimator="stochastic", **kwargs)
-    return t.regularizer.reshape(DRAWS, B) * 2 / BETA, t.orthogonality.reshape(DRAWS, B)
-
-
-def _assert_unbiased(draws, target):
-    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
-    assert (se > 0).all()
-    assert ((mean - target).abs() <= 4.5 * se).all(), (mean, target, se)
+def _assert_expectation(outcomes, target):
+    """The mean over all outcomes equals the target to float64 rounding."""
+    assert_close("expectation over all draws", target, outcomes.mean(0), rtol=1e-12)
 
 
 @pytest.mark.parametrize("block_size,num_columns", [(1, 1), (1, 3), (2, 1), (3, 2)])
-def test_stochastic_estimator_is_unbiased(block_size, num_columns):
+def test_stochastic_estimator_is_unbiased(block_size, num_columns, monkeypatch):
+    """E over the draws of the column (block) estimator is the Hadamard (Fischer) bound, exactly;
+    a 2 % bias fails the same test (power check)."""
     g = torch.Generator().manual_seed(5)
     B, D, d = 4, 9, 7
     J = torch.randn(B, D, d, generator=g, dtype=torch.float64) * torch.linspace(0.2, 2, d, dtype=torch.float64)
-    z = torch.randn(B, d, generator=g, dtype=torch.float64)
     target = (fastjac.hadamard_bound(J, BETA) if block_size == 1 else
               fastjac.fischer_bound(J, BETA, block_size=block_size))
-    R, _ = _draws(J, z, num_columns=num_columns, block_size=block_size, generator=g)
-    _assert_unbiased(R, target)
+    R, _ = _enumerated(J, monkeypatch, num_columns=num_columns, block_size=block_size)
+    _assert_expectation(R, target)
+    assert (R.std(0) > 0.05 * target).all()  # the outcomes really differ: the mean is not trivially right
+    with pytest.raises(AssertionError):
+        _assert_expectation(1.02 * R, target)
 
 
-def test_stochastic_orthogonality_pair_is_unbiased():
+def test_stochastic_orthogonality_pair_is_unbiased(monkeypatch):
     g = torch.Generator().manual_seed(6)
     B, D, d, b, lam = 3, 6, 5, 2, 0.3
     J = torch.randn(B, D, d, generator=g, dtype=torch.float64)
-    z = torch.randn(B, d, generator=g, dtype=torch.float64)
-    _, ortho = _draws(J, z, block_size=b, orthogonality_weight=lam, generator=g)
-    _assert_unbiased(ortho / lam, fastjac.orthogonality_penalty(J, block_size=b))
+    _, ortho = _enumerated(J, monkeypatch, block_size=b, orthogonality_weight=lam)
+    target = fastjac.orthogonality_penalty(J, block_size=b)
+    _assert_expectation(ortho / lam, target)
+    with pytest.raises(AssertionError):
+        _assert_expectation(1.02 * ortho / lam, target)
+
+
+def _max_standardised_deviation(samples: torch.Tensor, high: int) -> float:
+    """max over values of |count − N/high| / sd under uniform draws (binomial sd)."""
+    n, p = samples.numel(), 1 / high
+    counts = torch.bincount(samples.flatten(), minlength=high).double()
+    return float(((counts - n * p).abs() / math.sqrt(n * p * (1 - p))).max())
+
+
+@pytest.mark.parametrize("high", [2, 7, 15])
+def test_draws_are_uniform_over_every_column(high):
+    """``draw`` covers [0, high) uniformly: 2·10⁶ draws, every count within 5.5 standard deviations
+    (false alarm < 1e-6 per value). Power: a sampler favouring one value by 2 % is 0.02·√(N/(high−1))
+    ≥ 7.3 standard deviations off at N = 2·10⁶, high <= 15, and fails the same bound."""
+    N = 2_000_000
+    z = torch.zeros(1, high)
+    fair = stochastic.draw(high, (N,), z, torch.Generator().manual_seed(high))
+    assert int(fair.min()) == 0 and int(fair.max()) == high - 1
+    assert _max_standardised_deviation(fair, high) <= 5.5
+    probs = torch.full((high,), 1.0)
+    probs[0] = 1.02
+    probs[1:] = (high - 1.02) / (high - 1)
+    biased = torch.multinomial(probs / high, N, replacement=True, generator=torch.Generator().manual_seed(1))
+    assert _max_standardised_deviation(biased, high) > 5.5
 
 
 def test_full_estimators_add_the_exact_orthogonality_penalty():
@@ -157,19 +230,37 @@ def test_seeds_give_different_draws_and_the_same_seed_repeats():
     assert not torch.equal(run(1), run(2))
 
 
-def test_stochastic_computes_only_drawn_columns():
-    dec = mlp_decoder(8, 10)
-    seen = []
+class TangentCounter(torch.nn.Module):
+    """A decoder that pushes its tangents itself (``tangent_forward``) and records how many it got."""
 
-    def counted(z):
-        out = dec(z)
-        seen.append(out)
-        return out
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.tangents = net, []
 
+    def forward(self, z):
+        return self.net(z)
+
+    def tangent_forward(self, z, tangents):
+        self.tangents.append(tangents.shape[0])
+        return torch.func.vmap(lambda t: torch.func.jvp(self.net, (z,), (t,)), out_dims=(None, 0))(tangents)
+
+
+@pytest.mark.parametrize("options,pushed", [(dict(num_columns=1), 1), (dict(num_columns=3), 3),
+                                            (dict(num_columns=2, block_size=3), 6),
+                                            (dict(num_columns=1, block_size=2, orthogonality_weight=0.5), 4)])
+def test_stochastic_computes_only_drawn_columns(options, pushed):
+    """k drawn columns (k·b for blocks, + 2 for an orthogonality pair) are pushed, not d = 8:
+    counted as tangent directions reaching the decoder, and the result equals the same columns
+    taken from the full Jacobian."""
+    dec = TangentCounter(mlp_decoder(8, 10))
     z = torch.randn(2, 8, dtype=torch.float64)
-    _, J = fastjac.jacobian_columns(dec, z, torch.tensor([[1], [3]]))
-    fastjac.jacobian_regularizer(counted, z, BETA, estimator="stochastic", num_columns=1)
-    assert len(seen) == 1  # one primal pass carrying k = 1 tangent
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    R = fastjac.jacobian_regularizer(dec, z, BETA, estimator="stochastic", generator=gen(), reduction="none",
+                                     **options)
+    assert dec.tangents == [pushed]
+    full = fastjac.jacobian_regularizer(dec.net, z, BETA, estimator="stochastic", generator=gen(),
+                                        reduction="none", **options)
+    assert_close("drawn columns", full, R, rtol=1e-12)
 
 
 def _posterior(B, d, seed, block=None):
