@@ -37,7 +37,7 @@ def data(observation, dtype=torch.float64):
 
 
 def independent_nll(observation, g, x):
-    """−log p(x|g) per sample, written out from SPEC §2 rather than taken from fastjac."""
+    """−log p(x|g) per sample, written out from docs/maths.md#observation-models rather than taken from fastjac."""
     if observation == "gaussian":
         return 0.5 * ((x - g) ** 2).sum(-1)
     if observation == "bernoulli":

@@ -1,4 +1,4 @@
-"""GRAE, β-VAE and Taylor objectives (SPEC §4) against brute force, identities and unbiasedness."""
+"""GRAE, β-VAE and Taylor objectives (docs/maths.md#objectives) against brute force, identities and unbiasedness."""
 import itertools
 import math
 
@@ -284,7 +284,7 @@ def test_gaussian_kl_matches_torch_distributions():
 
 @pytest.mark.parametrize("observation", ["gaussian", "bernoulli_logits"])
 def test_taylor_minus_grae_is_the_analytic_gap(observation):
-    """Taylor(Σ) − GRAE = (β/2)[tr(MΣ) − log det(MΣ) − d] ≥ 0 for any Σ, any decoder (SPEC §4)."""
+    """Taylor(Σ) − GRAE = (β/2)[tr(MΣ) − log det(MΣ) − d] ≥ 0 for any Σ, any decoder (docs/maths.md#the-taylor-gap)."""
     B, d = 3, 4
     dec = mlp_decoder(d, 10, seed=2)
     mu, C = _posterior(B, d, 1, block=2)
@@ -303,7 +303,7 @@ def test_taylor_minus_grae_is_the_analytic_gap(observation):
 
 
 def test_linear_decoder_optimal_posterior_taylor_and_beta_vae_equal_grae():
-    """Linear g: Taylor is exact, and with Σ = M⁻¹ the β-VAE objective equals GRAE (SPEC §4)."""
+    """Linear g: Taylor is exact, and with Σ = M⁻¹ the β-VAE objective equals GRAE (docs/maths.md#objectives)."""
     B, d, D = 3, 3, 7
     g = torch.Generator().manual_seed(3)
     lin = torch.nn.Linear(d, D).double()

@@ -5,6 +5,7 @@ Tolerances: float64 results are compared to a float64 reference computed a diffe
 (brute-force Jacobians, slogdet), so only rounding of O(d·D) sums separates them: 1e-10.
 float32 accumulates in float32 (relative rounding ~6e-8 per op over D ~ 1e3 terms): 1e-4.
 float16/bfloat16 inputs carry 11/8 mantissa bits before fp32 accumulation: 5e-3 / 3e-2.
+The error analysis behind these is in docs/maths.md#numerical-error-and-tolerances.
 """
 import torch
 
