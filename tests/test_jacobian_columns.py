@@ -90,3 +90,17 @@ def test_spatial_latents_equal_the_flattened_computation(chunk_size):
     assert_close("recomputed", brute_jacobian(conv, z), J_rec)
     with pytest.raises(ValueError, match=r"directions must have shape \(B, d, k\) = \(2, 18"):
         jacobian_columns(conv, z, directions=torch.randn(2, 2, 1, dtype=torch.float64))
+
+
+def test_every_entry_point_prepares_the_decoder_itself():
+    """Wrappers are removed by jacobian_columns and chunked.recomputed_columns themselves (not only
+    by the estimators above them): DataParallel, torch.compile, and both inside a partial."""
+    import functools
+    from fastjac.chunked import recomputed_columns
+    dec = mlp_decoder(3, 5)
+    z = torch.randn(2, 3, dtype=torch.float64)
+    want = brute_jacobian(dec, z)
+    compiled = torch.compile(dec, backend="eager")
+    for wrapped in (torch.nn.DataParallel(dec), compiled, functools.partial(torch.nn.DataParallel(dec))):
+        assert_close("jacobian_columns", want, jacobian_columns(wrapped, z)[1])
+        assert_close("recomputed_columns", want, recomputed_columns(wrapped, z, chunk_size=2)[1])
