@@ -50,7 +50,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: these small networks gain nothing from more, "
+                             "and one thread is not slowed down by a busy machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     x = torch.tensor(load_digits().data, dtype=torch.float32) / 16
     train_x, test_x = x[:1500], x[1500:]
     print(f"held-out digits ({len(test_x)}), {args.steps} Adam steps, β = {args.beta}")

@@ -14,7 +14,7 @@ RUNNER = textwrap.dedent("""
     import runpy, sys
     for script in sys.argv[1:]:
         print("=== " + script, flush=True)
-        sys.argv = [script, "--steps", "3"]
+        sys.argv = [script, "--steps", "3", "--threads", "1"]
         runpy.run_path(script, run_name="__main__")
 """)
 

@@ -256,6 +256,7 @@ class _Run:
     ctx: distributed.Context
     folder: RunFolder
     data: Dataset
+    order: BatchOrder
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
@@ -313,7 +314,8 @@ def _start(cfg: TrainConfig, ctx: distributed.Context) -> _Run:
         model = build_model(cfg, data.shape).to(ctx.device)
     except ValueError as e:  # the settings do not make a model (e.g. an architecture for other data)
         raise UsageError(f"cannot build the model: {e}") from e
-    run = _Run(cfg, ctx, folder, data, model, torch.optim.Adam(model.parameters(), lr=cfg.lr))
+    order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
+    run = _Run(cfg, ctx, folder, data, order, model, torch.optim.Adam(model.parameters(), lr=cfg.lr))
     if cfg.resume:
         _resume(run)
     if run.step < cfg.steps and ctx.is_main:
@@ -354,14 +356,13 @@ def _loop(run: _Run, stop: StopRequests, on_step) -> None:
     if ctx.world > 1:
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
-    order = BatchOrder(len(run.data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     held_out = run.data.test.batch(torch.arange(min(cfg.eval_size, len(run.data.test)))).to(ctx.device) \
         if ctx.is_main else None
     progress = _Progress(cfg.steps, cfg.progress and ctx.is_main)
     run.model.train()
     with ctx.peers("training"):
         while run.step < cfg.steps:
-            _step(run, net, order)
+            _step(run, net)
             stopping = ctx.any(stop.signal is not None)
             _record(run, held_out, progress, checkpoint=stopping)
             if on_step is not None:
@@ -370,11 +371,11 @@ def _loop(run: _Run, stop: StopRequests, on_step) -> None:
                 raise _interrupted(run, stop.signal or signal.SIGTERM)
 
 
-def _step(run: _Run, net, order: BatchOrder) -> None:
+def _step(run: _Run, net) -> None:
     """One Adam step on this process's share of the global batch."""
     cfg, ctx = run.cfg, run.ctx
     started = time.perf_counter()
-    x = run.data.train.batch(order.indices(run.step)).to(ctx.device)
+    x = run.data.train.batch(run.order.indices(run.step)).to(ctx.device)
     seed = derived_seed(cfg.seed, "step", run.step, ctx.rank)
     torch.manual_seed(seed)  # anything the model draws from the global generator
     options = {"num_samples": cfg.num_samples} if cfg.model == "beta-vae" else {}
