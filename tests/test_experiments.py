@@ -245,12 +245,38 @@ def test_structure_quick_path_at_toy_size(tmp_path):
             "--test-points", "10", "--width", "0.1"]
     assert reproduce(tmp_path, *argv) == 0
     doc = read_results(tmp_path)
-    assert set(doc["runs"]) == {"beta=0.2/d=4/b=2", "beta=0.5/d=3/b=3"}
-    r = doc["runs"]["beta=0.2/d=4/b=2"]
+    assert set(doc["runs"]) == {"beta=0.2/d=4/b=2/steps=3", "beta=0.5/d=3/b=3/steps=3"}
+    r = doc["runs"]["beta=0.2/d=4/b=2/steps=3"]
     assert 0 <= r["off_block_fraction_median"] <= 1 and r["relative_error_median"] >= 0
-    assert doc["runs"]["beta=0.5/d=3/b=3"]["chance"] == 0           # one block: nothing outside
+    assert doc["runs"]["beta=0.5/d=3/b=3/steps=3"]["chance"] == 0   # one block: nothing outside
     assert_png(tmp_path / "structure.png")
     assert reproduce(tmp_path, "structure", "--quick", "--models", "0.2,4") == 2
+
+
+def test_structure_checkpoints_resume_one_run_and_refine_the_encoder_only(tmp_path):
+    from fastjac.experiments import structure
+    argv = ["structure", "--quick", "--models", "0.2,4,2", "--checkpoints", "2", "5",
+            "--refine-encoder", "3", "--test-points", "10", "--width", "0.1"]
+    assert reproduce(tmp_path, *argv) == 0
+    runs = read_results(tmp_path)["runs"]
+    assert list(runs) == ["beta=0.2/d=4/b=2/steps=2", "beta=0.2/d=4/b=2/steps=5",
+                          "beta=0.2/d=4/b=2/steps=5+encoder3"]
+    assert runs["beta=0.2/d=4/b=2/steps=5+encoder3"]["encoder_steps"] == 3
+    assert runs["beta=0.2/d=4/b=2/steps=2"] != runs["beta=0.2/d=4/b=2/steps=5"]
+    # the refined model's decoder is the trained one, bit for bit; its encoder moved
+    from fastjac.models import make_autoencoder
+    torch.manual_seed(0)
+    vae = make_autoencoder("beta-vae", "mlp", data_shape=(1, 8, 8), latent_dim=4, beta=0.2, block_size=2,
+                           width=0.1)
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = type("D", (), {"__len__": lambda self: 64, "batch": lambda self, i: x[i]})()
+    refined, _ = structure.refined_encoder(vae, data, steps=3, batch_size=8, lr=1e-2, seed=0,
+                                           checkpoint=tmp_path / "enc.pt")
+    for (name, a), b in zip(vae.state_dict().items(), refined.state_dict().values()):
+        if name.startswith("decoder"):
+            assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for (name, a), b in zip(vae.state_dict().items(),
+               refined.state_dict().values()) if name.startswith("encoder"))
 
 
 # ---------------------------------------------------------------------------------- samples
@@ -294,3 +320,42 @@ def test_atomic_write_leaves_no_temporary_file_and_usual_permissions(tmp_path):
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o666 & ~umask
     with pytest.raises(ValueError, match="another --out"):
         Results(tmp_path, "x", {"a": 2})
+
+
+# ------------------------------------------------------------------------- batched L-BFGS
+
+def _rosenbrock_rows(scales):
+    """Row t: scale_t · 100‖x₂: − x₁:⁻¹²‖² + ‖1 − x‖² (4-D Rosenbrock), minimum at all ones."""
+    def value_and_grad(x):
+        x = x.detach().requires_grad_()
+        f = (scales[:, None] * 100 * (x[:, 1:] - x[:, :-1] ** 2) ** 2 + (1 - x[:, :-1]) ** 2).sum(-1)
+        return f.detach(), torch.autograd.grad(torch.nan_to_num(f).sum(), x)[0]
+    return value_and_grad
+
+
+STARTS = torch.tensor([[-1.2, 1.0, -0.5, 0.3], [0.0, 0.0, 0.0, 0.0], [2.0, -1.0, 1.5, 0.5]],
+                      dtype=torch.float64)
+SCALES = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+
+
+def test_batched_lbfgs_finds_each_rows_minimum():
+    from fastjac.experiments import lbfgs
+    x, g = lbfgs.minimise(_rosenbrock_rows(SCALES), STARTS, iterations=500, tolerance=1e-10)
+    torch.testing.assert_close(x, torch.ones_like(x), atol=1e-7, rtol=0)
+    assert g.abs().max() <= 1e-10
+
+
+def test_batched_lbfgs_rows_do_not_interact():
+    """A batch reaches what its rows reach alone (own history, step length and stopping test),
+    and a row starting at a non-finite value stays put without stopping the others."""
+    from fastjac.experiments import lbfgs
+    batched, _ = lbfgs.minimise(_rosenbrock_rows(SCALES), STARTS, iterations=30)
+    for t in range(3):
+        alone, _ = lbfgs.minimise(_rosenbrock_rows(SCALES[t:t + 1]), STARTS[t:t + 1], iterations=30)
+        torch.testing.assert_close(alone[0], batched[t], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(batched[0], torch.ones_like(batched[0]))  # 30 steps: on the way
+    broken = STARTS.clone()
+    broken[1, 0] = math.nan
+    x, _ = lbfgs.minimise(_rosenbrock_rows(SCALES), broken, iterations=30)
+    assert torch.equal(x[1, 1:], broken[1, 1:]) and torch.isnan(x[1, 0])
+    torch.testing.assert_close(x[[0, 2]], batched[[0, 2]], rtol=1e-12, atol=1e-12)

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..objectives import gaussian_kl
 from ..observations import Gaussian
-from . import plotting
+from . import lbfgs, plotting
 from .procrustes import latent_angle, rotation
 from .results import Progress, Results, log
 
@@ -53,6 +53,9 @@ class Training:
     stages: int = 5
     quadrature: int = 3
     seed: int = 0
+    refine: str = "lbfgs"         # after the schedule: per-trial L-BFGS on the same ELBO, or "none"
+    refine_iterations: int = 3000
+    refine_tolerance: float = 1e-7  # stop a trial once its gradient's largest entry is below this
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,18 @@ def hermite_rule(order: int, dtype=torch.float64):
     return nodes, torch.tensor(np.outer(w, w).reshape(-1), dtype=dtype)
 
 
+def principal_factor(L: Tensor) -> Tensor:
+    """U·Λ^½ with Σ = LLᵀ = UΛUᵀ: the quadrature's nodes along Σ's principal axes.
+
+    A product rule is invariant only under signed permutations of its axes, so nodes placed by the
+    Cholesky factor turn with Σ's coordinates, not with Σ: for nonlinear ν the approximate ELBO
+    of a full Σ would then prefer some latent axes (a pure quadrature artefact, which a converged
+    optimiser finds). Along Σ's eigenvectors the rule turns with Σ, so the approximate ELBO keeps
+    the exact ELBO's invariance under latent rotations. For a diagonal Σ it equals L."""
+    lam, U = torch.linalg.eigh(L @ L.mT)
+    return U * lam.clamp_min(0).sqrt().unsqueeze(-2)
+
+
 def negative_elbo(params, fixed, X: Tensor, *, nonlinearity: str, covariance: str, rule) -> Tensor:
     """−ELBO per data point, averaged over the points of each trial: (T,).
 
@@ -171,7 +186,8 @@ def negative_elbo(params, fixed, X: Tensor, *, nonlinearity: str, covariance: st
     nodes, weights = rule
     T, N, _ = X.shape
     mu, L = posterior(params, fixed, X, covariance)
-    z = mu.unsqueeze(2) + torch.einsum("tnij,kj->tnki", L, nodes)            # (T, N, K, 2)
+    F = principal_factor(L) if covariance == "full" else L
+    z = mu.unsqueeze(2) + torch.einsum("tnij,kj->tnki", F, nodes)            # (T, N, K, 2)
     out = NONLINEARITIES[nonlinearity](torch.einsum("tnki,tji->tnkj", z, params["A"]))
     out = out + params["b"][:, None, None, :]
     target = X.unsqueeze(2).expand_as(out)
@@ -183,28 +199,77 @@ def negative_elbo(params, fixed, X: Tensor, *, nonlinearity: str, covariance: st
     return (nll @ weights + kl).mean(1) + constant
 
 
-def train(params, fixed, X: Tensor, setting: Setting, training: Training,
-          progress: Optional[Progress] = None) -> Tensor:
-    """Full-batch steps with the stepwise schedule; returns the final −ELBO per trial (T,)."""
+def _loss_function(fixed, X: Tensor, setting: Setting, training: Training):
     rule = tuple(t.to(X.device) for t in hermite_rule(training.quadrature, X.dtype))
-    loss_of = lambda: negative_elbo(params, fixed, X, nonlinearity=setting.nonlinearity,  # noqa: E731
-                                    covariance=setting.covariance, rule=rule)
+    return lambda params: negative_elbo(params, fixed, X, nonlinearity=setting.nonlinearity,
+                                        covariance=setting.covariance, rule=rule)
+
+
+def schedule(params, loss_of, setting: Setting, training: Training,
+             progress: Optional[Progress] = None) -> None:
+    """The paper's schedule: full-batch steps from ``lr``, divided by 10 every n steps, 5n steps."""
     opt_class = torch.optim.Adam if training.optimizer == "adam" else torch.optim.SGD
     opt = opt_class(list(params.values()), lr=training.lr)
     n = setting.steps_per_stage
-    total = training.stages * n
-    for step in range(total):
+    for step in range(training.stages * n):
         for group in opt.param_groups:
             group["lr"] = training.lr * 10.0 ** -(step // n)
-        loss = loss_of()
+        loss = loss_of(params)
         opt.zero_grad(set_to_none=True)
         # finite trials only: a diverged trial keeps its NaN and the others go on
         torch.nan_to_num(loss, nan=0.0, posinf=0.0).sum().backward()
         opt.step()
         if progress is not None:
             progress.update(step + 1)
+
+
+def refine(params, loss_of, training: Training, on_step=None) -> Tensor:
+    """Minimise the same −ELBO further by per-trial L-BFGS (:mod:`.lbfgs`) from where the schedule
+    stopped; updates ``params`` in place and returns each trial's largest gradient entry (T,)."""
+    names = list(params)
+    sizes = [params[k][0].numel() for k in names]
+
+    def unflat(x: Tensor) -> dict:
+        parts = torch.split(x, sizes, dim=1)
+        return {k: p.reshape(params[k].shape) for k, p in zip(names, parts)}
+
+    def value_and_grad(x: Tensor):
+        x = x.detach().requires_grad_()
+        with torch.enable_grad():
+            loss = loss_of(unflat(x))
+            (g,) = torch.autograd.grad(torch.nan_to_num(loss, nan=0.0, posinf=0.0).sum(), x)
+        return loss.detach(), g
+
+    x0 = torch.cat([params[k].detach().reshape(params[k].shape[0], -1) for k in names], 1)
+    x, g = lbfgs.minimise(value_and_grad, x0, iterations=training.refine_iterations,
+                          tolerance=training.refine_tolerance, on_step=on_step)
     with torch.no_grad():
-        return loss_of()
+        for k, v in unflat(x).items():
+            params[k].copy_(v)
+    return g.abs().amax(-1)
+
+
+def train(params, fixed, X: Tensor, setting: Setting, training: Training,
+          progress: Optional[Progress] = None) -> Tensor:
+    """The schedule, then the refinement if any; returns the final −ELBO per trial (T,)."""
+    loss_of = _loss_function(fixed, X, setting, training)
+    schedule(params, loss_of, setting, training, progress)
+    if training.refine == "lbfgs":
+        refine(params, loss_of, training)
+    with torch.no_grad():
+        return loss_of(params)
+
+
+def _measure(params, fixed, data: Data, covariance: str, neg_elbo: Tensor) -> dict:
+    """ELBO and angles (to the true latents and to W's right singular vectors) per trial."""
+    with torch.no_grad():
+        mu, _ = posterior(params, fixed, data.X, covariance)
+        V = torch.linalg.svd(data.W).Vh.mT                                   # W = U S Vᵀ
+        ok = torch.isfinite(mu).all(-1).all(-1) & torch.isfinite(neg_elbo)
+        safe = torch.where(ok[:, None, None], mu, data.Z)
+        angle = torch.where(ok, latent_angle(data.Z, safe), torch.nan)
+        principal = torch.where(ok, latent_angle(data.Z @ V, safe), torch.nan)
+    return {"elbo": (-neg_elbo).tolist(), "angle": angle.tolist(), "principal_angle": principal.tolist()}
 
 
 def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64, device="cpu",
@@ -214,23 +279,27 @@ def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float
     Args:
         seeds: per trial, (data seed, initialisation seed); see :func:`trial_seeds`.
     Returns lists over trials: elbo (nats per point), angle (degrees, true latents vs posterior
-    means), principal_angle (vs W's right singular vectors), and the seeds."""
+    means), principal_angle (vs W's right singular vectors), the seeds, the same three numbers
+    where the schedule ended (``schedule``) and, when refined, each trial's largest gradient
+    entry at the end (``gradient_max``: ~0 means a stationary point was reached)."""
     data, params, fixed = simulate(seeds, setting, training, dtype, device)
-    neg_elbo = train(params, fixed, data.X, setting, training, progress)
+    loss_of = _loss_function(fixed, data.X, setting, training)
+    scheduled = setting.steps_per_stage * training.stages
+    schedule(params, loss_of, setting, training, progress)
     with torch.no_grad():
-        mu, _ = posterior(params, fixed, data.X, setting.covariance)
-        V = torch.linalg.svd(data.W).Vh.mT                                   # W = U S Vᵀ
-        ok = torch.isfinite(mu).all(-1).all(-1) & torch.isfinite(neg_elbo)
-        safe = torch.where(ok[:, None, None], mu, data.Z)
-        angle = torch.where(ok, latent_angle(data.Z, safe), torch.nan)
-        principal = torch.where(ok, latent_angle(data.Z @ V, safe), torch.nan)
-    return {"seeds": [list(p) for p in seeds], "elbo": (-neg_elbo).tolist(), "angle": angle.tolist(),
-            "principal_angle": principal.tolist()}
+        after_schedule = _measure(params, fixed, data, setting.covariance, loss_of(params))
+    record = {"seeds": [list(p) for p in seeds], "schedule": after_schedule}
+    if training.refine == "lbfgs":
+        on_step = None if progress is None else (lambda k: progress.update(scheduled + k))
+        record["gradient_max"] = refine(params, loss_of, training, on_step).tolist()
+    with torch.no_grad():
+        record.update(_measure(params, fixed, data, setting.covariance, loss_of(params)))
+    return record
 
 
 # ----------------------------------------------------------------------------- the experiment
 
-QUICK = dict(nonlinearities=("identity", "tanh"), inference=("amortised",), steps=(200, 1000), trials=8,
+QUICK = dict(nonlinearities=("identity", "tanh"), inference=("amortised",), steps=(100, 300), trials=8,
              num_points=300)
 FULL = dict(nonlinearities=tuple(NONLINEARITIES), inference=INFERENCE, steps=PAPER_STEPS, trials=20,
             num_points=4000)
@@ -252,6 +321,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=0.1,
                         help="initial step size (the paper's 0.1; plain GD at 0.1 diverges at this noise "
                              "scale, hence Adam by default)")
+    parser.add_argument("--refine", choices=("lbfgs", "none"), default="lbfgs",
+                        help="after the schedule, minimise the same ELBO by per-trial L-BFGS until the "
+                             "gradient vanishes (default), or stop where the schedule ends (the paper)")
+    parser.add_argument("--refine-iterations", type=int, default=3000,
+                        help="the most L-BFGS steps per trial")
     parser.add_argument("--quadrature", type=int, default=3, help="Gauss–Hermite points per latent axis")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="the summary's near-best runs: ELBO within this many nats/point of the "
@@ -262,12 +336,13 @@ def _config(args) -> tuple[Training, dict]:
     base = QUICK if args.quick else FULL
     training = Training(num_points=args.points or base["num_points"], mixing=args.mixing,
                         optimizer=args.optimizer, lr=args.lr, quadrature=args.quadrature,
-                        seed=args.seed)
+                        seed=args.seed, refine=args.refine, refine_iterations=args.refine_iterations)
     grid = dict(nonlinearities=tuple(args.nonlinearities or base["nonlinearities"]),
                 inference=tuple(args.inference or base["inference"]), covariances=COVARIANCES,
                 steps=tuple(args.steps or base["steps"]), trials=args.trials)
     for name, value in (("--steps", min(grid["steps"])), ("--points", training.num_points),
-                        ("--quadrature", training.quadrature), ("--trials", args.trials or 1)):
+                        ("--quadrature", training.quadrature), ("--trials", args.trials or 1),
+                        ("--refine-iterations", training.refine_iterations + 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     return training, grid
@@ -279,37 +354,66 @@ def trials_for(n: int, grid: dict, quick: bool) -> int:
     return QUICK["trials"] if quick else (100 if n >= 10000 else 20)
 
 
+def wrap_angle(degrees: float) -> float:
+    """An angle difference taken modulo the signed permutations: into (−45, 45]."""
+    return 45.0 - (45.0 - degrees) % 90.0
+
+
+def _rows(runs: dict) -> list[dict]:
+    rows = []
+    for key, rec in runs.items():
+        nu, inference, cov, n = key.split("/")
+        after = rec.get("schedule") or {}
+        for t, (e, a, p) in enumerate(zip(rec["elbo"], rec["angle"], rec["principal_angle"])):
+            rows.append(dict(nonlinearity=nu, inference=inference, covariance=cov, n=int(n[2:]),
+                             trial=t, elbo=e, angle=a, principal_angle=p,
+                             schedule_elbo=(after.get("elbo") or [None] * (t + 1))[t],
+                             schedule_angle=(after.get("angle") or [None] * (t + 1))[t],
+                             gradient_max=(rec.get("gradient_max") or [None] * (t + 1))[t]))
+    return rows
+
+
 def flatten(runs: dict) -> list[dict]:
     """One row per trained model, with ``gap`` = ELBO − the best ELBO any run (any n, diagonal or
-    full Σ) reached on the same data set with the same ν and inference (None if it diverged), and
-    ``best_of_kind``: whether it is the best run of its Σ on that data set.
+    full Σ) reached on the same data set with the same ν and inference (None if it diverged),
+    ``schedule_gap`` the same where the step-size schedule ended (before any refinement),
+    ``best_of_kind``: whether it is the best run of its Σ on that data set, and ``angle_to_best``:
+    its angle minus that best run's angle (modulo signed permutations).
 
     The full-Σ family contains the diagonal one and has no preferred axes, so its best run marks
     the optimum: a mean-field run that aligned with the true axes (orthogonal W, identity ν) gets
     there too, one stuck at the equal-variance saddle stays below."""
-    rows = []
-    for key, rec in runs.items():
-        nu, inference, cov, n = key.split("/")
-        for t, (e, a, p) in enumerate(zip(rec["elbo"], rec["angle"], rec["principal_angle"])):
-            rows.append(dict(nonlinearity=nu, inference=inference, covariance=cov,
-                             n=int(n[2:]), trial=t, elbo=e, angle=a, principal_angle=p))
-    best: dict[tuple, float] = {}
+    rows = _rows(runs)
+    best: dict[tuple, dict] = {}
     for r in rows:
         if r["elbo"] is not None:
             for k in ((r["nonlinearity"], r["inference"], r["trial"]),
                       (r["nonlinearity"], r["inference"], r["trial"], r["covariance"])):
-                best[k] = max(best.get(k, -math.inf), r["elbo"])
+                if k not in best or r["elbo"] > best[k]["elbo"]:
+                    best[k] = r
     for r in rows:
         data_set = (r["nonlinearity"], r["inference"], r["trial"])
-        r["gap"] = None if r["elbo"] is None else r["elbo"] - best[data_set]
-        r["best_of_kind"] = r["elbo"] is not None and r["elbo"] == best[data_set + (r["covariance"],)]
+        top, own = best.get(data_set), best.get(data_set + (r["covariance"],))
+        r["gap"] = None if r["elbo"] is None else r["elbo"] - top["elbo"]
+        r["schedule_gap"] = (None if r["schedule_elbo"] is None or top is None
+                             else r["schedule_elbo"] - top["elbo"])
+        r["best_of_kind"] = r["elbo"] is not None and r is own
+        r["angle_to_best"] = (None if r["angle"] is None or own is None
+                              else wrap_angle(r["angle"] - own["angle"]))
     return rows
+
+
+def _abs_stats(row: dict, name: str, values: list) -> None:
+    a = np.abs([v for v in values if v is not None]) if values else np.array([])
+    row[f"{name}_median_abs"] = float(np.median(a)) if a.size else float("nan")
+    row[f"{name}_max_abs"] = float(np.max(a)) if a.size else float("nan")
 
 
 def summarise(rows: list[dict], tolerance: float) -> list[dict]:
     """Per (ν, inference, Σ): |angle| of its best run on each data set, and of its runs within
     ``tolerance`` nats/point of the best run of any Σ on that data set (diagonal Σ should sit
-    near 0°, full Σ should not)."""
+    near 0°, full Σ should not); ``near_best_angle_to_best``: how far the other near-best runs
+    sit from the best run of their Σ on the same data (a unique solution: ≈ 0)."""
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["nonlinearity"], r["inference"], r["covariance"]), []).append(r)
@@ -318,38 +422,51 @@ def summarise(rows: list[dict], tolerance: float) -> list[dict]:
         ok = [r for r in rs if r["gap"] is not None]
         best = [r for r in ok if r["best_of_kind"]]
         near = [r for r in ok if r["gap"] >= -tolerance]
+        gaps = [r["gap"] for r in best]
+        grads = [r["gradient_max"] for r in ok if r["gradient_max"] is not None]
         row = dict(nonlinearity=nu, inference=inference, covariance=cov, runs=len(rs),
                    diverged=len(rs) - len(ok), data_sets=len(best), near_best_runs=len(near),
-                   tolerance=tolerance)
+                   tolerance=tolerance, best_gap_min=float(min(gaps)) if gaps else float("nan"),
+                   gradient_max=float(max(grads)) if grads else None)
         for name, sel in (("best", best), ("near_best", near)):
             for k in ("angle", "principal_angle"):
-                a = np.abs([r[k] for r in sel]) if sel else np.array([np.nan])
-                row[f"{name}_{k}_median_abs"] = float(np.median(a))
-                row[f"{name}_{k}_max_abs"] = float(np.max(a))
+                _abs_stats(row, f"{name}_{k}", [r[k] for r in sel])
+        _abs_stats(row, "near_best_angle_to_best", [r["angle_to_best"] for r in near
+                                                    if not r["best_of_kind"]])
         out.append(row)
     return out
 
 
+def _panel(ax, rows: list[dict], angle_key: str) -> None:
+    colours = {"diagonal": "tab:blue", "full": "tab:orange"}
+    for cov, colour in colours.items():
+        mine = [r for r in rows if r["covariance"] == cov]
+        start = [(r["schedule_gap"], r[f"schedule_{angle_key}"] if angle_key == "angle" else None)
+                 for r in mine if r["schedule_gap"] is not None]
+        start = [p for p in start if p[1] is not None]
+        if start:
+            ax.scatter(*zip(*start), s=9, facecolors="none", edgecolors=colour, alpha=0.5,
+                       linewidths=0.6, label=f"{cov} Σ, end of schedule")
+        end = [(r["gap"], r[angle_key]) for r in mine if r["gap"] is not None]
+        if end:
+            ax.scatter(*zip(*end), s=9, alpha=0.8, color=colour, label=f"{cov} Σ, converged"
+                       if start else f"{cov} Σ")
+    ax.set_xscale("symlog", linthresh=1e-4)
+    ax.set_ylim(-46, 46)
+
+
 def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: str, path):
     fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=True)
-    colours = {"diagonal": "tab:blue", "full": "tab:orange"}
     for i, inf in enumerate(inference):
         for j, nu in enumerate(nonlinearities):
             ax = axes[i][j]
-            for cov, colour in colours.items():
-                pts = [(r["gap"], r[angle_key]) for r in rows if r["nonlinearity"] == nu
-                       and r["inference"] == inf and r["covariance"] == cov and r["gap"] is not None]
-                if pts:
-                    x, y = zip(*pts)
-                    ax.scatter(x, y, s=9, alpha=0.7, color=colour, label=f"{cov} Σ")
-            ax.set_xscale("symlog", linthresh=1e-4)
-            ax.set_ylim(-46, 46)
+            _panel(ax, [r for r in rows if r["nonlinearity"] == nu and r["inference"] == inf], angle_key)
             ax.set_title(f"ν = {nu}, {inf}", fontsize=9)
             if i == len(inference) - 1:
                 ax.set_xlabel("ELBO − best ELBO on the same data (any Σ)", fontsize=8)
             if j == 0:
                 ax.set_ylabel("angle (degrees)", fontsize=8)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     return plotting.save(fig, path)
 
@@ -362,13 +479,14 @@ def run(args) -> int:
                 for cov in grid["covariances"] for n in grid["steps"]]
     log(f"identifiability: {len(settings)} settings, {training.num_points} points, mixing "
         f"{training.mixing}, {training.optimizer} lr {training.lr} ÷10 every n steps for "
-        f"{training.stages}n steps → {args.out}")
+        f"{training.stages}n steps, then {training.refine} → {args.out}")
     for i, s in enumerate(settings, 1):
         if s.key in results:
             log(f"[{i}/{len(settings)}] {s.key}: done already, skipped")
             continue
         T = trials_for(s.steps_per_stage, grid, args.quick)
-        progress = Progress(s.key, training.stages * s.steps_per_stage)
+        progress = Progress(s.key, training.stages * s.steps_per_stage + (
+            training.refine_iterations if training.refine == "lbfgs" else 0))
         seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
         rec = run_trials(seeds, s, training, device=args.device, progress=progress)
         rec["seconds"] = progress.elapsed()
@@ -395,19 +513,20 @@ def run(args) -> int:
 
 def _print_summary(rows: list[dict], mixing: str) -> None:
     log("\n|angle| (degrees) of each Σ's best run per data set, and of the runs within tolerance of "
-        "the best run of any Σ on that data set; diagonal Σ should sit near 0°, full Σ should not")
+        "the best run of any Σ on that data set; diagonal Σ should sit near 0°, full Σ should not; "
+        "spread: near-best runs' angle to the best run of their Σ on the same data (unique: ≈ 0)")
     cols = [("best", "angle"), ("near_best", "angle")]
     if mixing == "gaussian":
         cols += [("best", "principal_angle"), ("near_best", "principal_angle")]
     names = {"angle": "θ", "principal_angle": "θ_W"}
-    head = f"{'ν':9s} {'inference':12s} {'Σ':9s} {'runs':>5s} {'near':>5s}"
+    head = f"{'ν':9s} {'inference':12s} {'Σ':9s} {'runs':>5s} {'near':>5s} {'spread med':>10s}"
     for sel, k in cols:
         tag = f"{sel.replace('_', '-')} {names[k]}"
         head += f" {tag + ' med':>16s} {'max':>6s}"
     log(head)
     for r in rows:
         line = (f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} {r['runs']:5d} "
-                f"{r['near_best_runs']:5d}")
+                f"{r['near_best_runs']:5d} {r['near_best_angle_to_best_median_abs']:10.1f}")
         for sel, k in cols:
             line += f" {r[f'{sel}_{k}_median_abs']:16.1f} {r[f'{sel}_{k}_max_abs']:6.1f}"
         log(line)

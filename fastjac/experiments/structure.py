@@ -13,6 +13,8 @@ and draw Σ⁻¹ beside JᵀJ for a few held-out points.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -20,7 +22,10 @@ from ..jacobian import jacobian_columns
 from ..models import block_mask
 from ..regularizer import observation_weights
 from . import common, plotting
+from .fit import fit
 from .results import Results, log
+
+STATISTICS = ("off_block_fraction", "relative_error", "relative_error_in_blocks")
 
 # (β, d, b) of the paper's Fig. 7 panels
 PAPER_MODELS = ((0.2, 8, 2), (0.4, 8, 2), (0.6, 12, 2), (1.0, 8, 2), (0.4, 12, 3), (0.6, 8, 3), (0.8, 20, 3))
@@ -34,6 +39,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--models", nargs="+", metavar="BETA,D,B",
                         help="models as β,d,b triples (paper: the seven panels of Fig. 7)")
     parser.add_argument("--test-points", type=int, help="held-out points measured")
+    parser.add_argument("--checkpoints", type=int, nargs="+", metavar="STEPS",
+                        help="measure each model after these many training steps (one run, resumed; "
+                             "default: --train-steps), to follow Eq. 11 as training converges")
+    parser.add_argument("--refine-encoder", type=int, default=0, metavar="STEPS",
+                        help="then train the encoder alone this many steps with the decoder frozen and "
+                             "measure again: the posterior's limit at that decoder (0: skip)")
 
 
 def _triples(specs) -> tuple:
@@ -72,51 +83,101 @@ def measure(model, x: torch.Tensor, block_size: int, batch_size: int = 250) -> d
                 chance=float((~inside).sum() / off_diagonal.sum()))
 
 
-def run(args) -> int:
-    base = QUICK if args.quick else FULL
+def _grid(args, base) -> dict:
     models = _triples(args.models) if args.models else base["models"]
     for beta, d, b in models:
         if not (beta > 0 and d >= 2 and 1 <= b <= d):
             raise ValueError(f"--models: need β > 0, d >= 2 and 1 <= b <= d, got {beta},{d},{b}")
-    grid = dict(models=[list(m) for m in models], test_points=args.test_points or base["test_points"])
+    steps = sorted(set(args.checkpoints or [args.train_steps or base["train_steps"]]))
+    if steps[0] < 1 or args.refine_encoder < 0:
+        raise ValueError("--checkpoints must be >= 1 and --refine-encoder >= 0")
+    return dict(models=[list(m) for m in models], checkpoints=steps, refine_encoder=args.refine_encoder,
+                test_points=args.test_points or base["test_points"])
+
+
+def _record(m: dict, beta, d, b, steps, fitted) -> dict:
+    return dict(beta=beta, latent_dim=d, block_size=b, steps=steps, chance=m["chance"], train=fitted,
+                **{f"{k}_median": float(np.median(m[k])) for k in STATISTICS},
+                **{f"{k}_quartiles": np.percentile(m[k], [25, 75]).tolist() for k in STATISTICS},
+                gram_trace_median=float(np.median(np.trace(m["gram"], axis1=-2, axis2=-1))))
+
+
+def refined_encoder(model, data, *, steps: int, batch_size: int, lr: float, seed: int, checkpoint,
+                    device: str = "cpu"):
+    """The encoder trained further on the model's own loss with the decoder frozen: the limit
+    the posterior approaches at this decoder (Eq. 11 compares Σ with the *optimal* posterior)."""
+    model = copy.deepcopy(model).float().train()
+    for p in model.decoder.parameters():
+        p.requires_grad_(False)            # Adam skips parameters without a gradient
+    record = fit(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                 checkpoint=checkpoint, label=f"encoder at fixed decoder, {steps} steps", device=device)
+    return model.eval(), record
+
+
+def _measure_model(args, results, grid, model_cfg, data, test, spec) -> tuple:
+    """Train one (β, d, b) model through its checkpoints (one resumed run), measure each, and the
+    refined encoder at the last; returns what the figure shows (the last measurement)."""
+    beta, d, b = spec
+    shown = None
+    for steps in grid["checkpoints"]:
+        key = f"beta={beta:g}/d={d}/b={b}/steps={steps}"
+        model, fitted = common.trained_autoencoder(
+            "beta-vae", dict(model_cfg, train_steps=steps), data.shape, out=args.out,
+            name=f"structure-beta{beta:g}-d{d}-b{b}", device=args.device, latent_dim=d, beta=beta, block_size=b)
+        m = measure(model.cpu().double(), test, b)
+        shown = m
+        if key not in results:
+            results.put(key, _record(m, beta, d, b, steps, fitted))
+        _log_record(key, results[key])
+    if grid["refine_encoder"]:
+        key = f"beta={beta:g}/d={d}/b={b}/steps={steps}+encoder{grid['refine_encoder']}"
+        refined, fitted = refined_encoder(
+            model, data.train, steps=grid["refine_encoder"], batch_size=model_cfg["batch_size"],
+            lr=model_cfg["lr"], seed=args.seed, device=args.device,
+            checkpoint=args.out / "models" / f"structure-beta{beta:g}-d{d}-b{b}" / f"encoder-{steps}.pt")
+        m = measure(refined.cpu().double(), test, b)
+        if key not in results:
+            results.put(key, _record(m, beta, d, b, steps, fitted) | {"encoder_steps": grid["refine_encoder"]})
+        _log_record(key, results[key])
+    return shown
+
+
+def _log_record(key: str, rec: dict) -> None:
+    log(f"{key}: off-block energy {rec['off_block_fraction_median']:.3f} (chance {rec['chance']:.3f}), "
+        f"in-block ‖β(Σ⁻¹−I) − JᵀJ‖/‖JᵀJ‖ {rec['relative_error_in_blocks_median']:.3f}")
+
+
+def run(args) -> int:
+    base = QUICK if args.quick else FULL
+    grid = _grid(args, base)
     model_cfg = common.model_config(args, base["train_steps"])
     data = common.load_data(args)
     test = common.first(data.test, grid["test_points"]).double()
     results = Results(args.out, "structure", {"model": model_cfg, "grid": grid, "quick": bool(args.quick),
                                               "data": data.description})
     log(f"structure: {data.description}; {model_cfg['architecture']} β-VAEs with block-diagonal "
-        f"posteriors, {model_cfg['train_steps']} steps each; {len(test)} held-out points → {args.out}")
+        f"posteriors, measured after {grid['checkpoints']} steps; {len(test)} held-out points → {args.out}")
     shown = {}
-    for i, (beta, d, b) in enumerate(models, 1):
-        key = f"beta={beta:g}/d={d}/b={b}"
-        model, fitted = common.trained_autoencoder(
-            "beta-vae", model_cfg, data.shape, out=args.out, name=f"structure-beta{beta:g}-d{d}-b{b}",
-            device=args.device, latent_dim=d, beta=beta, block_size=b)
-        m = measure(model.cpu().double(), test, b)       # cheap; recomputed for the figure
-        shown[key] = (m["precision"][: base["shown_points"]], m["gram"][: base["shown_points"]])
-        if key in results:
-            log(f"[{i}/{len(models)}] {key}: done already, skipped")
-            continue
-        rec = dict(beta=beta, latent_dim=d, block_size=b, chance=m["chance"], train=fitted,
-                   **{f"{k}_median": float(np.median(m[k])) for k in
-                      ("off_block_fraction", "relative_error", "relative_error_in_blocks")},
-                   **{f"{k}_quartiles": np.percentile(m[k], [25, 75]).tolist() for k in
-                      ("off_block_fraction", "relative_error", "relative_error_in_blocks")},
-                   gram_trace_median=float(np.median(np.trace(m["gram"], axis1=-2, axis2=-1))))
-        results.put(key, rec)
-        log(f"[{i}/{len(models)}] {key}: off-block energy {rec['off_block_fraction_median']:.3f} "
-            f"(chance {rec['chance']:.3f}), ‖β(Σ⁻¹−I) − JᵀJ‖/‖JᵀJ‖ {rec['relative_error_median']:.3f}")
-    rows = [results[f"beta={beta:g}/d={d}/b={b}"] for beta, d, b in models]
-    results.put_summary(dict(models=len(rows),
+    for beta, d, b in (tuple(m) for m in grid["models"]):
+        m = _measure_model(args, results, grid, model_cfg, data, test, (beta, d, b))
+        shown[f"beta={beta:g}/d={d}/b={b}"] = (m["precision"][: base["shown_points"]],
+                                               m["gram"][: base["shown_points"]])
+    rows = list(results.runs.values())
+    results.put_summary(dict(models=len(grid["models"]),
                              below_chance=sum(r["off_block_fraction_median"] < r["chance"] for r in rows)))
-    log(f"\n{'β':>5s} {'d':>3s} {'b':>2s} {'off-block energy':>17s} {'chance':>7s} "
-        f"{'rel. err. (all)':>16s} {'rel. err. (blocks)':>19s} {'tr JᵀJ':>8s}")
-    for r in rows:
-        log(f"{r['beta']:5g} {r['latent_dim']:3d} {r['block_size']:2d} {r['off_block_fraction_median']:17.3f} "
-            f"{r['chance']:7.3f} {r['relative_error_median']:16.3f} {r['relative_error_in_blocks_median']:19.3f} "
-            f"{r['gram_trace_median']:8.2f}")
+    _print_table(rows)
     log(f"figure: {figure(shown, args.out / 'structure.png')}")
     return 0
+
+
+def _print_table(rows) -> None:
+    log(f"\n{'β':>5s} {'d':>3s} {'b':>2s} {'steps':>14s} {'off-block energy':>17s} {'chance':>7s} "
+        f"{'rel. err. (all)':>16s} {'rel. err. (blocks)':>19s} {'tr JᵀJ':>8s}")
+    for r in rows:
+        steps = f"{r['steps']}" + (f"+enc{r['encoder_steps']}" if "encoder_steps" in r else "")
+        log(f"{r['beta']:5g} {r['latent_dim']:3d} {r['block_size']:2d} {steps:>14s} "
+            f"{r['off_block_fraction_median']:17.3f} {r['chance']:7.3f} {r['relative_error_median']:16.3f} "
+            f"{r['relative_error_in_blocks_median']:19.3f} {r['gram_trace_median']:8.2f}")
 
 
 def figure(shown: dict, path):
