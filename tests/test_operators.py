@@ -1,4 +1,5 @@
-"""Reference operators (SPEC §3) against brute force, their gradients, and the inequalities."""
+"""Reference operators (docs/maths.md#operators) against brute force, their gradients, and the
+inequalities and identities (hypothesis, through every backend that runs here)."""
 import math
 
 import pytest
@@ -182,44 +183,97 @@ def test_non_contiguous_J():
     assert_close("non-contiguous", brute_logdet(J.contiguous(), 0.9), fastjac.logdet_gram(J, 0.9))
 
 
+# Property tests, run through every backend that can run here (a missing one is a SKIP).
+# Tolerances (docs/maths.md#numerical-error-and-tolerances): the rounding error of log det is
+# about ε ‖M⁻¹ ⊙ s sᵀ‖_F with ε = u (√D + d + 1), s_i² = 1 + ‖J e_i‖²/β. The strategies bound
+# D <= 12, d <= 8 and ‖J e_i‖²/β <= 12 · e³ / e⁻³ (float64) or 12 · e / e⁻¹ (float32), so the
+# error is below 1e-11 (1 + R) in float64 (u = 1.1e-16) and 1e-4 (1 + R) in float32 (u = 6e-8,
+# the Triton kernels): the tolerances below, with room for the independent-sign assumption.
+PROPERTY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _property_backend(name):
+    reason = _dispatch.availability()[name] or _dispatch.implementation("logdet_gram", name).supports(
+        device_type="cpu", dtype=torch.float32, B=2, D=12, d=8)
+    return pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else [], id=name)
+
+
+PROPERTY_BACKENDS = [_property_backend(b) for b in ("torch", "cpp", "triton")]
+
+
+def _property_dtype(backend):
+    return torch.float32 if backend == "triton" else torch.float64
+
+
+def _bounds(J, beta, block, backend):
+    exact = fastjac.logdet_gram(J, beta, backend=backend)
+    fischer = fastjac.fischer_bound(J, beta, block_size=block, backend=backend)
+    had = fastjac.hadamard_bound(J, beta, backend="triton" if backend == "triton" else "torch")
+    return exact, fischer, had
+
+
 dims = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 8))
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
+@settings(max_examples=50, deadline=None)
 @given(dims=dims, log_beta=st.floats(-3, 3), log_scale=st.floats(-2, 1.5), seed=st.integers(0, 2 ** 16),
        block=st.integers(1, 8))
-def test_inequalities(dims, log_beta, log_scale, seed, block):
-    """0 <= R_exact <= R_fischer(b) <= R_had, and b >= d is exact, b = 1 is Hadamard (SPEC §3)."""
+def test_inequalities_and_gradients(backend, dims, log_beta, log_scale, seed, block):
+    """0 <= R_exact <= R_fischer(b) <= R_had, b >= d is exact, b = 1 is Hadamard
+    (docs/maths.md#bounds-and-identities); the gradients (J, β) equal autograd through slogdet."""
+    dtype = _property_dtype(backend)
+    if dtype == torch.float32:
+        log_beta, log_scale = max(-1.0, min(log_beta, 2.0)), min(log_scale, 0.5)
     B, D, d = dims
-    J = random_J(B, D, d, seed, scale=math.exp(log_scale))
-    beta = math.exp(log_beta)
-    exact = fastjac.logdet_gram(J, beta)
-    fischer = fastjac.fischer_bound(J, beta, block_size=block)
-    had = fastjac.hadamard_bound(J, beta)
-    tol = 1e-9 * (1 + had.abs())
+    J = random_J(B, D, d, seed, scale=math.exp(log_scale)).to(dtype).requires_grad_()
+    beta = torch.tensor(math.exp(log_beta), dtype=dtype, requires_grad=True)
+    exact, fischer, had = _bounds(J, beta, block, backend)
+    tol = PROPERTY_TOL[dtype] * (1 + had.detach().abs())
     assert (exact >= -tol).all()
     assert (exact <= fischer + tol).all() and (fischer <= had + tol).all()
-    assert_close("b=1 is Hadamard", had, fastjac.fischer_bound(J, beta, block_size=1), rtol=1e-9, atol=1e-12)
-    assert_close("b=d is exact", exact, fastjac.fischer_bound(J, beta, block_size=d), rtol=1e-9, atol=1e-12)
+    assert_close("b=1 is Hadamard", had, fastjac.fischer_bound(J, beta, block_size=1, backend=backend),
+                 rtol=PROPERTY_TOL[dtype], atol=PROPERTY_TOL[dtype])
+    assert_close("b=d is exact", exact, fastjac.fischer_bound(J, beta, block_size=d, backend=backend),
+                 rtol=PROPERTY_TOL[dtype], atol=PROPERTY_TOL[dtype])
+    J64, beta64 = J.detach().double().requires_grad_(), beta.detach().double().requires_grad_()
+    weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    for name, ours, ref in (("exact", exact, brute_logdet(J64, beta64)),
+                            ("fischer", fischer, brute_fischer(J64, beta64, block))):
+        got = torch.autograd.grad((ours * weights.to(dtype)).sum(), (J, beta), retain_graph=True)
+        want = torch.autograd.grad((ref * weights).sum(), (J64, beta64))
+        for what, g, r in zip(("dJ", "dbeta"), got, want):
+            assert_close(f"{name} {what}", r, g.double(), rtol=10 * PROPERTY_TOL[dtype], atol=PROPERTY_TOL[dtype])
 
 
-@settings(max_examples=25, deadline=None)
-@given(d=st.integers(1, 6), extra=st.integers(0, 10), seed=st.integers(0, 2 ** 16), log_beta=st.floats(-2, 2))
-def test_identities(d, extra, seed, log_beta):
-    """R_exact = R_had for orthogonal columns; R_exact is invariant under J -> JQ."""
+@pytest.mark.parametrize("backend", PROPERTY_BACKENDS)
+@settings(max_examples=50, deadline=None)
+@given(d=st.integers(1, 6), extra=st.integers(0, 10), seed=st.integers(0, 2 ** 16), log_beta=st.floats(-1, 2))
+def test_identities_and_their_gradients(backend, d, extra, seed, log_beta):
+    """Orthogonal columns: R_exact = R_had, with equal gradients (M is diagonal, so Γ is the
+    same diagonal); rotation: R(JQ) = R(J) and ∇R(J) = ∇R(JQ) Qᵀ (docs/maths.md#bounds-and-identities)."""
+    dtype = _property_dtype(backend)
+    tol = PROPERTY_TOL[dtype]
     g = torch.Generator().manual_seed(seed)
-    D, beta = d + extra, math.exp(log_beta)
+    D, beta = d + extra, torch.tensor(math.exp(log_beta), dtype=dtype, requires_grad=True)
     Q, _ = torch.linalg.qr(torch.randn(2, D, D, generator=g, dtype=torch.float64))
-    norms = torch.rand(2, 1, d, generator=g, dtype=torch.float64) * 3
-    J_orth = Q[..., :d] * norms
-    assert_close("orthogonal columns", fastjac.logdet_gram(J_orth, beta), fastjac.hadamard_bound(J_orth, beta),
-                 rtol=1e-9, atol=1e-12)
-    J = torch.randn(2, D, d, generator=g, dtype=torch.float64)
-    R, _ = torch.linalg.qr(torch.randn(2, d, d, generator=g, dtype=torch.float64))
-    assert_close("rotation invariance", fastjac.logdet_gram(J, beta), fastjac.logdet_gram(J @ R, beta),
-                 rtol=1e-9, atol=1e-12)
+    J_orth = (Q[..., :d] * torch.rand(2, 1, d, generator=g, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    exact = fastjac.logdet_gram(J_orth, beta, backend=backend)
+    had = fastjac.hadamard_bound(J_orth, beta, backend="triton" if backend == "triton" else "torch")
+    assert_close("orthogonal columns", had, exact, rtol=tol, atol=tol)
+    for name, a, b in zip(("dJ", "dbeta"), torch.autograd.grad(exact.sum(), (J_orth, beta)),
+                          torch.autograd.grad(had.sum(), (J_orth, beta))):
+        assert_close(f"orthogonal columns {name}", b, a, rtol=10 * tol, atol=tol)
     if d >= 2:
-        assert fastjac.orthogonality_penalty(J_orth).abs().max() < 1e-12
+        assert fastjac.orthogonality_penalty(J_orth.detach(), backend="triton" if backend == "triton"
+                                             else "torch").abs().max() < tol
+    J = torch.randn(2, D, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    R, _ = torch.linalg.qr(torch.randn(2, d, d, generator=g, dtype=torch.float64))
+    JR = (J.detach() @ R.to(dtype)).requires_grad_()
+    value, rotated = fastjac.logdet_gram(J, beta, backend=backend), fastjac.logdet_gram(JR, beta, backend=backend)
+    assert_close("rotation invariance", value, rotated, rtol=tol, atol=tol)
+    (grad,), (grad_rotated,) = torch.autograd.grad(value.sum(), J), torch.autograd.grad(rotated.sum(), JR)
+    assert_close("rotation gradient", grad, grad_rotated @ R.to(dtype).mT, rtol=10 * tol, atol=tol)
 
 
 def test_torch_backend_can_be_forced_and_unknown_backend_is_refused():
