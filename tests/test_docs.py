@@ -240,6 +240,7 @@ def test_no_file_mentions_the_internal_specification():
     hits = []
     for path in _repository_files():
         for i, line in enumerate(_read(path).splitlines(), 1):
-            if re.search(rf"\b{INTERNAL}\b", line):
+            # the bare quoted word is another test looking for it, as this one does
+            if re.search(rf"\b{INTERNAL}\b", re.sub(rf"([\"']){INTERNAL}\1", "", line)):
                 hits.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()[:100]}")
     assert not hits, "users do not have that document; link docs/maths.md instead:\n" + "\n".join(hits)
