@@ -5,9 +5,8 @@ logdet_gram forward+backward (∂/∂J and ∂/∂β) per dtype and d, for
 
 - ``naive``: autograd through ``torch.linalg.cholesky(eye + bmm(Jᵀ, J)/β)``,
 - ``torch``: fastjac's reference backend (``backend="torch"``),
-- ``cpp``: the extension as dispatched (its passes over J in C++ below
-  ``extension.HOST_MATMUL_MIN_D``, torch's matmul from there on), and both choices forced
-  (``cpp:cpp-passes``, ``cpp:torch-matmul``) so that threshold can be set from the numbers.
+- ``cpp``: the extension (its per-matrix Cholesky and inverse in C++, the passes over J in
+  torch's matmul, which beat the earlier C++ passes at every d measured).
 
 The machine may be shared: the methods run round-robin (one call each per repeat) so load
 changes hit them alike, and each time is the median over the repeats. Ratios are against the
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fastjac  # noqa: E402
-from fastjac.ops.logdet_gram import extension  # noqa: E402  (ImportError: fastjac._C not built)
+from fastjac.ops.logdet_gram import extension  # noqa: E402,F401  (ImportError: fastjac._C not built)
 
 BETA = 0.5
 FULL = dict(dtypes=("float32", "float64"), shapes=[(256, 784, d) for d in (8, 16, 32, 64, 128)]
@@ -47,21 +46,14 @@ def naive(J, beta):
     (2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)).sum().backward()
 
 
-def fastjac_call(backend, matmul_min_d=None):
+def fastjac_call(backend):
     def run(J, beta):
-        previous = extension.HOST_MATMUL_MIN_D
-        if matmul_min_d is not None:
-            extension.HOST_MATMUL_MIN_D = matmul_min_d
-        try:
-            Jr, b = J.detach().requires_grad_(), beta.detach().requires_grad_()
-            fastjac.logdet_gram(Jr, b, backend=backend).sum().backward()
-        finally:
-            extension.HOST_MATMUL_MIN_D = previous
+        Jr, b = J.detach().requires_grad_(), beta.detach().requires_grad_()
+        fastjac.logdet_gram(Jr, b, backend=backend).sum().backward()
     return run
 
 
-METHODS = {"naive": naive, "torch": fastjac_call("torch"), "cpp": fastjac_call("cpp"),
-           "cpp:cpp-passes": fastjac_call("cpp", 10**9), "cpp:torch-matmul": fastjac_call("cpp", 0)}
+METHODS = {"naive": naive, "torch": fastjac_call("torch"), "cpp": fastjac_call("cpp")}
 
 
 def measure(B, D, d, dtype, reps, long_reps):
@@ -102,7 +94,7 @@ def main(argv=None) -> int:
     report = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "torch": torch.__version__, "python": platform.python_version(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "load_average_start": os.getloadavg(), "host_matmul_min_d": extension.HOST_MATMUL_MIN_D,
+              "load_average_start": os.getloadavg(),
               "beta": BETA, "results": []}
     print(f"{report['cpu']}, {report['cores']} cores, torch {report['torch']} "
           f"({report['torch_threads']} threads), load {report['load_average_start'][0]:.1f}")

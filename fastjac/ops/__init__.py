@@ -1,4 +1,4 @@
-"""Operators on decoder Jacobians J (B, D, k): SPEC §3. Kernels live beside their reference."""
+"""Operators on decoder Jacobians J (B, D, k) (docs/maths.md#operators). Kernels live beside their reference."""
 from .column_estimate import column_estimate, hadamard_bound
 from .logdet_gram import fischer_bound, logdet_gram, optimal_posterior_covariance
 from .orthogonality import orthogonality_penalty
