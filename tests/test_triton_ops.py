@@ -9,6 +9,10 @@ reference here is computed in float64 from the *same rounded* inputs, so forward
 float32, float16 and bfloat16 inputs all meet float32's RTOL (1e-4). Gradients with respect to
 J and w leave in the input's dtype, so they meet that dtype's RTOL (its rounding of the result).
 """
+import contextlib
+import inspect
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -22,8 +26,16 @@ from utils import RTOL, assert_close  # noqa: E402
 if _dispatch.availability()["triton"] is not None:
     pytest.skip(f"triton backend unavailable: {_dispatch.availability()['triton']}", allow_module_level=True)
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes  # noqa: E402
+
 from fastjac.ops import _triton  # noqa: E402
+from fastjac.ops.column_estimate import triton as column_triton  # noqa: E402
+from fastjac.ops.logdet_gram import reference as logdet_reference  # noqa: E402
 from fastjac.ops.logdet_gram import triton as logdet_triton  # noqa: E402
+from fastjac.ops.orthogonality import triton as orthogonality_triton  # noqa: E402
+from fastjac.ops.tangent_linear import triton as tangent_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not _triton.INTERPRETED:
@@ -46,7 +58,10 @@ def poisoned(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
 
     def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        if t.is_floating_point():
+            with _disable_current_modes():  # the launch counts below do not see the poison
+                t.fill_(float("nan"))
+        return t
     monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
 
@@ -259,3 +274,146 @@ def test_offsets_beyond_int32():
     out = fastjac.logdet_gram(J, 1.0, backend="triton")
     expected = fastjac.logdet_gram(J[1:].float(), 1.0, backend="torch")
     assert_close("last sample", expected, out[1:], rtol=1e-3)
+
+
+# ---- tensor-core products ---------------------------------------------------------------------
+@triton.jit
+def _product_kernel(a, b, out, MODE: tl.constexpr, N: tl.constexpr):
+    idx = tl.arange(0, N)
+    x = tl.load(a + idx[:, None] * N + idx[None, :])
+    y = tl.load(b + idx[:, None] * N + idx[None, :])
+    tl.store(out + idx[:, None] * N + idx[None, :], _triton.mma(x, y, tl.zeros((N, N), tl.float32), MODE))
+
+
+def _product(a, b, mode):
+    out = torch.empty(a.shape, dtype=torch.float32, device=DEVICE)
+    _product_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), out, MODE=mode, N=a.shape[0])
+    return out.cpu().double()
+
+
+def test_3xtf32_products_have_float32_accuracy():
+    """The split products meet float32's accuracy; one TF32 product (what the split replaces)
+    does not — so the accuracy tests above would catch a missing term. The rounding to TF32 is
+    done in the kernel, so the interpreter computes the GPU's products."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(32, 32, generator=g) for _ in range(2))
+    exact = a.double() @ b.double()
+    scale = exact.abs().max()
+    split = (_product(a, b, _triton.SPLIT_AB.value) - exact).abs().max() / scale
+    single = (_product(a, b, _triton.TF32.value) - exact).abs().max() / scale
+    assert split < 2e-6, split
+    assert single > 2e-5, single
+
+
+def test_product_modes():
+    """16-bit pairs multiply natively (not in the interpreter for bfloat16, see product_mode);
+    a computed fp32 operand (w·J, Γ) is split, the 16-bit one is exact in TF32."""
+    assert _triton.product_mode(torch.float16, torch.float16) == _triton.NATIVE.value
+    assert _triton.product_mode(torch.float32, torch.float32) == _triton.SPLIT_AB.value
+    assert _triton.product_mode(torch.float32, torch.bfloat16) == _triton.SPLIT_A.value
+    assert _triton.product_mode(torch.bfloat16, torch.float32) == _triton.SPLIT_B.value
+
+
+# ---- launches -------------------------------------------------------------------------------
+class _Launches(TorchDispatchMode):
+    """Counts device kernels: Triton launches (through ``_triton.launch``) plus every torch op
+    that computes (views, allocations and the fastjac custom ops, whose launches are counted
+    inside, are free)."""
+    FREE = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty", "aten.new_empty_strided",
+            "aten.lift_fresh", "aten.detach", "aten.is_same_size"}
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.triton, self.torch = [], []
+        launch = _triton.launch
+
+        def counted(kernel, *args, **meta):
+            self.triton.append(kernel.__name__)
+            with _disable_current_modes():  # the interpreter's own tensor traffic is not the kernel's
+                launch(kernel, *args, **meta)
+        monkeypatch.setattr(_triton, "launch", counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket._qualified_op_name).replace("::", ".")
+        if not (func.is_view or name in self.FREE or name.startswith("fastjac.")):
+            self.torch.append(name)
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self):
+        return len(self.triton) + len(self.torch)
+
+
+@pytest.mark.parametrize("schedule,d", [("fused", 16), ("split", 16), ("split", 64), ("split", 130)],
+                         indirect=["schedule"])
+def test_logdet_launches(schedule, d, monkeypatch):
+    """Forward (the backend's factorisation): <= 3 launches ([zeros,] Gram, solver; fused: 1).
+    Backward (reference Γ formula + gram_backward): Γ = M⁻¹·(grad/β) is 2 elementwise ops,
+    then one pass over J."""
+    J, w = inputs(1, D, d, weighted=True, seed=d)
+    J, w = J.float().to(DEVICE), w.float().to(DEVICE)
+    beta = torch.tensor(0.7, device=DEVICE)
+    with _Launches(monkeypatch) as count:
+        logdet_value, m_inv = logdet_triton.forward(J, w, beta, d)
+    print(f"forward {schedule} d={d}: {count.total} launches {count.triton + count.torch}")
+    assert count.total <= (1 if schedule == "fused" else 3), (count.triton, count.torch)
+    assert count.triton[-1] == "_solve_kernel" and "cholesky" not in " ".join(count.torch)
+    grad = torch.ones(1, device=DEVICE)
+    with _Launches(monkeypatch) as count:
+        grads = logdet_reference.backward(J, w, beta, m_inv, grad, None, (True, True, False),
+                                          _triton.gram_backward)
+    print(f"backward d={d}: {count.total} launches {count.triton + count.torch}")
+    assert count.triton == ["_gram_backward_kernel"] and count.total <= 3, (count.triton, count.torch)
+    assert grads[0] is not None and grads[1] is not None
+
+
+def test_every_launch_is_guarded(monkeypatch):
+    """Every kernel launch goes through _triton.launch, which makes J's device current."""
+    sources = [inspect.getsource(m) for m in (_triton, logdet_triton, column_triton, orthogonality_triton,
+                                              tangent_triton)]
+    launches = [line for src in sources for line in src.splitlines() if re.search(r"^[^\"`#]*\w\[[^\]]*\]\(", line)]
+    assert launches == ["        kernel[grid](*args, **meta)"], launches
+    guard = _triton.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    seen = []
+    monkeypatch.setattr(_triton, "device_guard", lambda device: (seen.append(device), contextlib.nullcontext())[1])
+    J, w = inputs(1, 50, 70, weighted=True)
+    fastjac.logdet_gram(J.float().to(DEVICE), 0.5, weights=w.float().to(DEVICE), backend="triton")
+    assert len(seen) >= 2 and all(dev == torch.device(DEVICE) or dev.type == DEVICE for dev in seen)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_deterministic_mode_has_no_atomics(diagonal, monkeypatch):
+    """With torch.use_deterministic_algorithms(True) the split-D Gram writes partial sums and
+    adds them in a fixed order: no atomics, the same bits on every run."""
+    J, w = inputs(1, D, 40, weighted=True, seed=2)
+    J, w = J.float().to(DEVICE), w.float().to(DEVICE)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    plan = _triton.gram_plan(1, D, 40, J.dtype, True, diagonal, J.device)
+    assert plan.splits > 1 and not plan.atomic
+    with _triton.capturing(4) as captured:
+        _triton.gram(J.to("meta"), w.to("meta"), diagonal=diagonal)
+    assert [launch.meta["ATOMIC"] for launch in captured] == [False]
+    first, second = (_triton.gram(J, w, diagonal=diagonal) for _ in range(2))
+    assert torch.equal(first, second)
+    Jd, wd = J.double(), w.double()
+    expected = (Jd * Jd * wd[..., None]).sum(1) if diagonal else Jd.mT @ (Jd * wd[..., None])
+    assert_close("G", expected, first.cpu().double(), rtol=RTOL[torch.float32])
+
+
+def test_tangent_offsets_are_int64():
+    """t·N·OUT and t·N·IN pass 2³¹ for k·N·OUT >= 2³¹ (e.g. N = 1024, k = 171, OUT = 12288): the
+    tangent kernels compute every offset in int64 (checked on the arguments' arithmetic: a
+    launch with N·OUT near 2³¹ reads and writes the last tangent's last row correctly)."""
+    N, IN, OUT, K = 3, 16, 20, 4
+    h = torch.randn(N, IN, device=DEVICE)
+    T = torch.randn(K, N, IN, device=DEVICE)
+    W = torch.randn(OUT, IN, device=DEVICE)
+    for kernel in (tangent_triton._forward_kernel, tangent_triton._backward_kernel):
+        src = inspect.getsource(kernel.fn)
+        assert "t * N" not in src and "tl.cast(t, tl.int64) * N" in src
+        assert "program_id(0).to(tl.int64)" in src and "program_id(1).to(tl.int64)" in src
+    y, U, _ = tangent_triton.forward(h, T, W, None, "tanh")
+    expected = torch.tanh(h @ W.T)
+    assert_close("y", expected.double(), y.cpu().double(), rtol=RTOL[torch.float32])
+    assert_close("U", ((1 - expected ** 2) * (T @ W.T)).double(), U.cpu().double(), rtol=RTOL[torch.float32])

@@ -106,14 +106,11 @@ def pad(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-def step_rows(columns: int) -> int:
-    """Rows of J per step of a loop over D, for a tile of ``columns`` (a power of two)."""
-    return max(32, min(256, TILE_ELEMENTS // columns))
-
-
-def warps(elements: int) -> int:
-    """Warps for a program holding a register tile of ``elements`` fp32 values."""
-    return min(8, max(4, elements // 2048))
+def step_rows(columns: int, products: bool = False) -> int:
+    """Rows of J per step of a loop over D, for a tile of ``columns`` (a power of two). Tiles
+    that feed tensor-core products take at most 64 rows (more spills registers: see
+    ``benchmarks/kernel_report.py``)."""
+    return max(16 if products else 32, min(64 if products else 256, TILE_ELEMENTS // columns))
 
 
 def programs(device: torch.device) -> int:
@@ -266,13 +263,13 @@ def gram_plan(B: int, D: int, k: int, dtype: torch.dtype, weighted: bool, diagon
     tile = min(pad(k), GRAM_TILE)
     tiles = triton.cdiv(k, tile)
     grid_tiles = tiles if diagonal else tiles * tiles
-    step = step_rows(tile)
+    step = step_rows(tile, products=not diagonal)
     want = max(1, programs(device) // max(1, B * grid_tiles))
     per = rows_per_split or (max(triton.cdiv(D, want), 4 * step) if want > 1 else D)
     splits = triton.cdiv(D, per)
     mode = product_mode(torch.float32 if weighted else dtype, dtype)
     return GramPlan(tile, tiles, step, per, splits, splits > 1 and not torch.are_deterministic_algorithms_enabled(),
-                    mode, 4 if diagonal or tile < GRAM_TILE else 8, 3)
+                    mode, 4 if diagonal or tile < 32 else 8, 3)
 
 
 def gram(J: torch.Tensor, w: Optional[torch.Tensor], *, diagonal: bool = False,
@@ -350,7 +347,7 @@ class BackwardPlan:
 def gram_backward_plan(B: int, D: int, k: int, dtype: torch.dtype, diagonal: bool) -> BackwardPlan:
     """Launch sizes of the backward kernel for J (B, D, k) of ``dtype`` and Γ in fp32."""
     tile = min(pad(k), GRAM_TILE)
-    rows = max(16, min(128, TILE_ELEMENTS // (2 * tile)))
+    rows = step_rows(2 * tile, products=not diagonal)  # Γ's tile is in registers too
     return BackwardPlan(tile, rows, product_mode(dtype, torch.float32), 4 if diagonal else 8, 1)
 
 

@@ -6,7 +6,7 @@ schedule, for small d when B alone fills the GPU), forms M and inverts it by Gau
 elimination without pivoting — M is symmetric positive definite, and the pivots of the
 elimination are the squared Cholesky pivots, so log det M = Σ log pivots comes for free.
 For d <= SOLVER_BLOCK the whole M stays in registers; above, the elimination is blocked
-(SOLVER_BLOCK² tiles, tensor-core products) in place in the output buffer, which at d <= 256
+(BLOCKED_TILE² tiles, tensor-core products) in place in the output buffer, which at d <= 256
 (256 KB per sample) stays in L2. The op saves M⁻¹, so the backward (the reference Γ formula
 and ``_triton.gram_backward``) needs no further factorisation.
 
@@ -26,7 +26,8 @@ from .. import _dispatch, _triton
 
 PATHS = ("fused", "split")
 FUSED_MAX_D = 32      # largest d the fused schedule (Gram and solver in one program) takes by default
-SOLVER_BLOCK = 64     # the solver holds M in registers up to this d, then works in blocks of it
+SOLVER_BLOCK = 64     # the solver holds M in registers up to this d, then works in blocks
+BLOCKED_TILE = 32     # tiles of the blocked solver (64² tiles spill registers: benchmarks/kernel_report.py)
 
 
 @triton.jit
@@ -160,12 +161,12 @@ def solver_plan(B: int, D: int, d: int, dtype: torch.dtype, weighted: bool, devi
         schedule = "fused" if d <= FUSED_MAX_D and B >= _triton.programs(device) // 2 else "split"
     if schedule not in PATHS:
         raise ValueError(f"schedule must be one of {PATHS}, got {schedule!r}")
-    block = min(_triton.pad(d), SOLVER_BLOCK)
+    block = _triton.pad(d) if d <= SOLVER_BLOCK else BLOCKED_TILE
     blocks = triton.cdiv(d, block)
     if schedule == "fused" and blocks > 1:
         raise ValueError(f"the fused schedule holds M in registers, for d <= {SOLVER_BLOCK}; got {d}")
     mode = _triton.product_mode(torch.float32 if weighted else dtype, dtype)
-    return SolverPlan(schedule == "fused", block, blocks, _triton.step_rows(block), mode,
+    return SolverPlan(schedule == "fused", block, blocks, _triton.step_rows(block, products=True), mode,
                       4 if block <= 32 else 8)
 
 

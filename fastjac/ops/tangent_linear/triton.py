@@ -77,8 +77,8 @@ def _forward_kernel(h, T, W, bias, y, U, A, N, IN, OUT, K,
     tl.store(y + tile, value, mask=mask)
     tl.store(A + tile, a, mask=mask)
     for t in range(K):  # tangent rows: same tile of the matmul, σ′(a) ⊙ epilogue
-        v = _times_wt(T + t.to(tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
-        tl.store(U + t.to(tl.int64) * N * OUT + tile, s1 * v, mask=mask)
+        v = _times_wt(T + tl.cast(t, tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
+        tl.store(U + tl.cast(t, tl.int64) * N * OUT + tile, s1 * v, mask=mask)
 
 
 @triton.jit
@@ -93,10 +93,10 @@ def _backward_kernel(T, W, A, gy, gU, ga, gV, N, IN, OUT, K,
     _value, s1, s2 = _derivatives(a, ACT)
     g = tl.load(gy + tile, mask=mask, other=0.0).to(tl.float32) * s1
     for t in range(K):
-        gu = tl.load(gU + t.to(tl.int64) * N * OUT + tile, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gV + t.to(tl.int64) * N * OUT + tile, gu * s1, mask=mask)
+        gu = tl.load(gU + tl.cast(t, tl.int64) * N * OUT + tile, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gV + tl.cast(t, tl.int64) * N * OUT + tile, gu * s1, mask=mask)
         if SECOND:
-            v = _times_wt(T + t.to(tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
+            v = _times_wt(T + tl.cast(t, tl.int64) * N * IN, W, rn, ro, N, IN, OUT, MODE, BI, BN, BO)
             g += s2 * gu * v
     tl.store(ga + tile, g, mask=mask)
 
