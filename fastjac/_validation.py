@@ -92,7 +92,8 @@ def deferred():
         if message is not None:
             raise ValueError(message) from error
         raise
-    _local.pending = None
+    finally:  # also on KeyboardInterrupt: a stale block would swallow every later check of the thread
+        _local.pending = None
     message = pending.first_failure()
     if message is not None:
         raise ValueError(message)

@@ -191,3 +191,16 @@ def test_observation_weights_are_float32_from_a_half_output():
     w = observations.observation_weights(observations.Bernoulli(), out, x)
     assert w.dtype == torch.float32 and torch.isfinite(w).all()
     assert w[0, 1] == pytest.approx(1 / 1e-6 ** 2, rel=5e-2)  # the clamp 1 − 1e-6 held (fp32 spacing 6e-8)
+
+
+def test_an_interrupted_call_leaves_no_deferred_block_behind():
+    """A decoder interrupted mid-call (KeyboardInterrupt is no Exception) must not leave the thread
+    inside a deferred block, where later checks would be recorded and never read."""
+    def interrupted(z):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fastjac.jacobian_regularizer(interrupted, torch.randn(2, 3), BETA)
+    assert _nan_loss_raises()
+    with pytest.raises(ValueError, match="contains non-finite"):
+        fastjac.logdet_gram(torch.full((1, 2, 2), float("nan")), BETA)

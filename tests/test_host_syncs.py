@@ -143,3 +143,31 @@ def test_deferred_checks_still_name_the_first_bad_argument():
         fastjac.grae_loss(net, z, bad_x, 0.5)
     with pytest.raises(ValueError, match="beta must be finite and > 0"):
         fastjac.grae_loss(net, z, x, torch.tensor(-1.0))
+
+
+class Reductions(TorchDispatchMode):
+    """Records the input shapes of the finiteness reductions (aminmax) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is aten.aminmax.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "fischer", "hadamard", "stochastic"])
+def test_each_input_is_checked_finite_once_per_call(estimator):
+    """One grae_loss call reads z once and J once (the public entry points it reaches inside,
+    jacobian_columns and the operator, do not check them again)."""
+    net = mlp_decoder(d, D, dtype=torch.float32)
+    z, x = torch.randn(B, d), torch.rand(B, D)
+    fastjac.grae_loss(net, z, x, 0.5, estimator=estimator)
+    with Reductions() as seen:
+        fastjac.grae_loss(net, z, x, 0.5, estimator=estimator)
+    k = d if estimator != "stochastic" else 1
+    assert seen.shapes.count((B, d)) == 1, seen.shapes            # z
+    assert seen.shapes.count((B, D, k)) == 1, seen.shapes         # J (or the drawn columns)
+    assert seen.shapes.count((B, D)) == 2, seen.shapes            # x and the decoder output
