@@ -48,7 +48,7 @@ from fastjac.ops.tangent_linear import triton as tangent_triton  # noqa: E402
 
 FULL = dict(B=(256,), D=(784, 12288), d=(16, 64, 128, 256),
             dtypes=(torch.float32, torch.bfloat16, torch.float16), weighted=(False, True))
-TINY = dict(B=(256,), D=(784,), d=(64,), dtypes=(torch.float32, torch.bfloat16), weighted=(True,))
+TINY = dict(B=(256,), D=(784,), d=(64,), dtypes=(torch.float32, torch.bfloat16), weighted=(False,))
 ARCHS = (80, 90)
 TANGENT_ACTIVATIONS = ("relu", "elu")  # σ″ = 0 and σ″ != 0: the backward kernel's two forms
 TENSOR_CORE = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
