@@ -348,3 +348,61 @@ def test_module_rejects_bad_configuration():
         JacobianRegularizer(-1.0)
     with pytest.raises(ValueError, match="observation must be one of"):
         JacobianRegularizer(0.5, observation="poisson")
+
+
+# ----------------------------------------------------------------------------- the keyword contract
+OLD_KEYWORDS = {  # every keyword and default of the public signatures before the estimators package
+    "estimator": None, "num_columns": 1, "block_size": 1, "observation": "gaussian",
+    "orthogonality_weight": 0.0, "reduction": "mean", "generator": None, "chunk_size": None,
+    "output": None, "num_probes": 1, "cg_max_iter": 100, "cg_tol": 1e-6, "backend": "auto"}
+
+
+@pytest.mark.parametrize("function,estimator,extra", [
+    (fastjac.jacobian_regularizer, "stochastic", {"x": None}),
+    (fastjac.grae_loss, "exact", {}),
+    (fastjac.grae_terms, "exact", {}),
+])
+def test_public_keywords_and_defaults_are_kept(function, estimator, extra):
+    import inspect
+    params = inspect.signature(function).parameters
+    expected = {**OLD_KEYWORDS, "estimator": estimator, **extra}
+    if function is fastjac.grae_terms:
+        expected.pop("reduction")
+    for name, default in expected.items():
+        assert name in params and params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert params[name].default == default, name
+
+
+def test_unknown_keyword_and_positional_settings_are_refused():
+    from fastjac.estimators import Settings
+    dec = torch.nn.Linear(3, 4)
+    with pytest.raises(TypeError, match="'estimater'"):
+        fastjac.grae_loss(dec, torch.randn(2, 3), torch.randn(2, 4), 0.5, estimater="exact")
+    with pytest.raises(TypeError, match="'x'"):
+        fastjac.grae_terms(dec, torch.randn(2, 3), torch.randn(2, 4), 0.5, reduction="sum", x=None)
+    with pytest.raises(TypeError):
+        Settings("exact")  # keyword only: no setting is ever taken by position
+
+
+def test_estimators_are_registered_explicitly():
+    import pathlib
+
+    import fastjac.estimators
+    from fastjac.estimators import ESTIMATORS, register_estimator
+    assert list(ESTIMATORS) == ["exact", "fischer", "hadamard", "frobenius", "stochastic", "hutchinson_cg"]
+    package = pathlib.Path(fastjac.estimators.__file__).parent
+    for module in package.glob("*.py"):  # only the registry's table registers (no import side effects)
+        if module.name not in ("registry.py", "__init__.py"):
+            assert "ESTIMATORS" not in module.read_text() and "register_estimator" not in module.read_text()
+
+    def twice_hadamard(decoder, z, beta, obs, x, s):
+        est = ESTIMATORS["hadamard"](decoder, z, beta, obs, x, s)
+        return est._replace(R=2 * est.R)
+
+    register_estimator("twice_hadamard", twice_hadamard)
+    try:
+        dec, z = torch.nn.Linear(3, 5).double(), torch.randn(2, 3, dtype=torch.float64)
+        assert_close("custom estimator", 2 * fastjac.jacobian_regularizer(dec, z, 0.5, estimator="hadamard"),
+                     fastjac.jacobian_regularizer(dec, z, 0.5, estimator="twice_hadamard"))
+    finally:
+        del ESTIMATORS["twice_hadamard"]
