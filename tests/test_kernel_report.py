@@ -90,3 +90,20 @@ def test_tangent_pointer_offsets_are_int64():
     """)
     proc = _run(["-c", script], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_gpu_benchmark_tiny_mode(tmp_path):
+    """benchmarks/triton_ops.py --tiny: every row measured under the interpreter (none failed),
+    written to the JSON with floors, speed-ups and a kernel breakdown."""
+    out = tmp_path / "triton_ops.json"
+    proc = _run(["benchmarks/triton_ops.py", "--tiny", "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {r["op"] for r in rows} >= {"logdet", "fischer", "covariance", "hadamard", "orthogonality", "tangent_linear"}
+    assert any(r.get("checks") for r in rows) and any(r.get("weighted") for r in rows)
+    for row in rows:
+        assert "error" not in row and "skipped" not in row, row
+        assert row["implementations"]["triton"]["fwd+bwd"]["median_s"] > 0
+        assert row["floors"]["fwd"]["x_memory"] > 0 and row["kernels"]
+    assert "speedup_vs_autograd" in rows[0]["floors"]["fwd+bwd"]
