@@ -41,18 +41,24 @@ auto by_dtype(int dtype, F f) {
 template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address); }
 
 // Host: L holds the Gram matrices (J must be absent); device: the kernel computes them from J.
+// beta is an address in host memory (beta_on_host; read here, passed to the kernel by value) or
+// in device memory (read by the kernel).
 void factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t beta,
-            int block_size, int64_t L, int64_t logdet) {
+            bool beta_on_host, int block_size, int64_t L, int64_t logdet) {
   const Problem p = problem(B, D, d, J, w);
   if (t.device < 0 && p.J.ptr != 0)
     throw std::invalid_argument("fastjac._C.factor: the host path reads the Gram matrices from L; pass no J");
   py::gil_scoped_release release;
   by_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    if (t.device >= 0)
-      fastjac::cuda::factor<T>(p, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.device, t.stream);
-    else
+    if (t.device >= 0) {
+      fastjac::Scalar<T> b;
+      if (beta_on_host) b.value = *ptr<T>(beta); else b.device = ptr<T>(beta);
+      fastjac::cuda::factor<T>(p, b, block_size, ptr<T>(L), ptr<T>(logdet), t.device, t.stream);
+    } else {
+      if (!beta_on_host) throw std::invalid_argument("fastjac._C.factor: the host path needs beta in host memory");
       fastjac::host::factor<T>(B, d, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.threads);
+    }
   });
 }
 
@@ -89,7 +95,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("factor", &factor,
         "L = chol(I + mask*G/beta) and log det (NaN where it failed); G from J on CUDA, in L on the host",
         py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
-        py::arg("w"), py::arg("beta"), py::arg("block_size"), py::arg("L"), py::arg("logdet"));
+        py::arg("w"), py::arg("beta"), py::arg("beta_on_host"), py::arg("block_size"), py::arg("L"),
+        py::arg("logdet"));
   m.def("inverse", &inverse, "M^-1 = (L L^T)^-1", py::arg("dtype"), py::arg("target"),
         py::arg("B"), py::arg("d"), py::arg("block_size"), py::arg("L"), py::arg("out"));
   m.def("gram_backward", &gram_backward, "grad_J = 2 W J Gamma, grad_w = rowsum(J Gamma * J) (CUDA)",

@@ -13,6 +13,13 @@ struct View {  // a strided array: address (0 = absent) and strides in elements
   template <class T> FASTJAC_HD T* at() const { return reinterpret_cast<T*>(ptr); }
 };
 
+template <class T>
+struct Scalar {  // a kernel argument: the value itself, or (device != null) where it lies on the device
+  const T* device = nullptr;
+  T value = T(0);
+  FASTJAC_HD T get() const { return device ? *device : value; }
+};
+
 struct Problem {  // J (B, D, d) and the optional weights w (B, D)
   int64_t B = 0, D = 0;
   int d = 0;
@@ -31,9 +38,9 @@ template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, in
 namespace cuda {
 bool built();
 // The device twins, on `device`, enqueued on `stream` (a cudaStream_t as an integer); nothing
-// synchronises. factor computes the Gram matrices from p.J, p.w itself (fused); gram_backward
+// synchronises; β is a kernel argument (no copy) when it lives on the host. factor computes the Gram matrices from p.J, p.w itself (fused); gram_backward
 // writes grad_J = 2 W J Γ_b (B, D, d) and grad_w = rowsum((J Γ_b) ⊙ J) (B, D), either may be null.
-template <class T> void factor(const Problem& p, const T* beta, int bs, T* L, T* logdet, int device, int64_t stream);
+template <class T> void factor(const Problem& p, Scalar<T> beta, int bs, T* L, T* logdet, int device, int64_t stream);
 template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int device, int64_t stream);
 template <class T> void gram_backward(const Problem& p, const T* gamma, T* grad_J, T* grad_w, int device,
                                       int64_t stream);
@@ -42,7 +49,7 @@ template <class T> void gram_backward(const Problem& p, const T* gamma, T* grad_
 // The device entry points' explicit instantiations, shared by cuda/gram_cholesky.cu and
 // cuda/stub.cpp (used inside namespace fastjac::cuda), so the two can never disagree on the signatures.
 #define FASTJAC_CUDA_INSTANTIATE(T)                                                                  \
-  template void factor<T>(const Problem&, const T*, int, T*, T*, int, int64_t);                    \
+  template void factor<T>(const Problem&, Scalar<T>, int, T*, T*, int, int64_t);                   \
   template void inverse<T>(int64_t, int, int, const T*, T*, int, int64_t);                         \
   template void gram_backward<T>(const Problem&, const T*, T*, T*, int, int64_t);
 

@@ -45,12 +45,24 @@ def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = 
     return grad_J, grad_w
 
 
+def _uncacheable() -> bool:
+    """While tracing (fake tensors) or in inference mode (an inference tensor cannot be saved
+    for a later backward) constants are made afresh."""
+    return (torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+            or torch.is_inference_mode_enabled())
+
+
 def block_mask(k: int, block_size: int, *, device, dtype=torch.bool) -> Tensor:
     """(k, k) mask, true where columns i and j lie in the same block of consecutive latents.
-    Cached per (k, block_size, device, dtype) outside tracing (callers must not modify it)."""
-    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None:
-        return _block_mask(k, block_size, torch.device(device), dtype)
-    return _cached_block_mask(k, block_size, torch.device(device), dtype)
+    Cached per (k, block_size, device, dtype) (callers must not modify it)."""
+    make = _block_mask if _uncacheable() else _cached_block_mask
+    return make(k, block_size, torch.device(device), dtype)
+
+
+def identity(k: int, *, device, dtype) -> Tensor:
+    """(k, k) identity, cached like :func:`block_mask` (callers must not modify it)."""
+    make = _identity if _uncacheable() else _cached_identity
+    return make(k, torch.device(device), dtype)
 
 
 def _block_mask(k: int, block_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -58,7 +70,12 @@ def _block_mask(k: int, block_size: int, device: torch.device, dtype: torch.dtyp
     return (ids[:, None] == ids[None, :]).to(dtype)
 
 
+def _identity(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return torch.eye(k, device=device, dtype=dtype)
+
+
 _cached_block_mask = functools.lru_cache(maxsize=64)(_block_mask)
+_cached_identity = functools.lru_cache(maxsize=64)(_identity)
 
 
 def column_norms(J: Tensor, w: Optional[Tensor]) -> Tensor:

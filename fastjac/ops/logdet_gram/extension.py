@@ -41,13 +41,13 @@ def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
     B, D, d = J.shape
     L = J.new_empty(B, d, d)
     logdet = J.new_empty(B)
-    beta = beta.to(device=J.device, dtype=acc).contiguous()  # no copy when β is already there
+    beta = beta.to(dtype=acc).contiguous()  # on the host (a number) or on J's device; never copied over
     on_host = J.device.type == "cpu"
     if on_host:  # the kernel factorises the Gram matrices it finds in L
         torch.matmul(J.mT, J if w is None else J * w.unsqueeze(-1), out=L)
     _C.factor(_extension.DTYPE_CODES[acc], _extension.target(J), B, D, d,
               _extension.strided(None if on_host else J), _extension.strided(None if on_host else w),
-              beta.data_ptr(), block_size, L.data_ptr(), logdet.data_ptr())
+              beta.data_ptr(), beta.device.type == "cpu", block_size, L.data_ptr(), logdet.data_ptr())
     m_inv = torch.empty_like(L)
     _C.inverse(_extension.DTYPE_CODES[acc], _extension.target(L), B, d, block_size,
                L.data_ptr(), m_inv.data_ptr())

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .._gram import block_mask, gram
+from .._gram import block_mask, gram, identity
 
 # Largest estimated error of a float32 log det (relative to 1 + |log det|) or of a float32 Σ*
 # (relative, Frobenius) that the operators return instead of refusing.
@@ -38,7 +38,7 @@ def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
     factorisation shows as a non-finite log det. Differentiable (the double-backward path)."""
     L, _info = torch.linalg.cholesky_ex(matrix(J, w, beta, block_size))
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    eye = identity(L.shape[-1], device=L.device, dtype=L.dtype).expand_as(L)
     return logdet, torch.cholesky_solve(eye, L)  # cholesky_inverse would raise (and sync) on a failed L
 
 
