@@ -4,8 +4,8 @@ This is NOT the Inception FID of the literature: the features come from a small 
 classifier trained on the experiment's own training set to tell which of four rotations (0°, 90°,
 180°, 270°) was applied to an image — a task that needs no labels, so digits, MNIST and CelebA are
 treated alike. Distances compare models within one run, not with published FIDs.
-True FID needs Inception-v3 weights given by path (``--inception-weights``; loaded with
-``torch.load(weights_only=True)`` into torchvision's Inception-v3; nothing is downloaded).
+True FID needs the FID Inception-v3 weights given by path (``--inception-weights``; loaded with
+``torch.load(weights_only=True)`` into :mod:`.inception`'s network; nothing is downloaded).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fit import fit
+from .inception import fid_inception_v3
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -31,7 +32,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"features must be (N, F) and (M, F) with N, M >= 2, got {a.shape} and {b.shape}")
     a, b = a.astype(np.float64), b.astype(np.float64)
-    Sa, Sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    Sa, Sb = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # F = 1 too
     vals, vecs = np.linalg.eigh(Sa)
     root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
     cross = np.linalg.eigvalsh(root_a @ Sb @ root_a)
@@ -95,27 +96,14 @@ def features(net, images: Tensor, batch_size: int = 500) -> np.ndarray:
 
 
 class InceptionFeatures:
-    """pool3 features of torchvision's Inception-v3 with the user's weights (2048-d)."""
+    """pool3 features (2048-d) of the FID Inception-v3 (:mod:`.inception`, pytorch-fid's layout)
+    with the user's weights file; nothing is downloaded and torchvision is not needed."""
 
     def __init__(self, weights: Path, device: str = "cpu"):
-        try:
-            from torchvision.models import inception_v3
-        except ModuleNotFoundError as e:
-            raise ValueError("--inception-weights needs torchvision (pip install torchvision) for the "
-                             "Inception-v3 architecture") from e
-        path = Path(weights)
-        if not path.is_file():
-            raise ValueError(f"--inception-weights {path} is not a file")
-        net = inception_v3(weights=None, aux_logits=False, init_weights=False)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=False)
-        net.fc = nn.Identity()
-        self.net = net.eval().to(device)
+        self.net = fid_inception_v3(Path(weights)).to(device)
 
     def features(self, x: Tensor) -> Tensor:
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(2 * x - 1)
+        return self.net(x)
 
     def parameters(self):
         return self.net.parameters()

@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, help="generated (and held-out) images per distance")
     parser.add_argument("--classifier-steps", type=int, help="training steps of the feature classifier")
     parser.add_argument("--inception-weights", type=Path,
-                        help="Inception-v3 state dict (torchvision layout) for true FID; never downloaded")
+                        help="FID Inception-v3 state dict (pytorch-fid's pt_inception-2015-12-05 file) for "
+                             "true FID; read with weights_only=True, never downloaded")
 
 
 def run(args) -> int:
