@@ -301,7 +301,8 @@ def test_samples_quick_path_at_toy_size(tmp_path, capsys):
     assert "NOT Inception-FID" in capsys.readouterr().out
     doc = read_results(tmp_path)
     assert set(doc["runs"]) == {f"{m}/beta={b}" for m in ("beta-vae", "grae≈") for b in ("0.05", "0.5")}
-    assert all(r["frechet"] >= 0 for r in doc["runs"].values())
+    assert all(r["frechet"] >= 0 and r["frechet_ex_post"] >= 0 for r in doc["runs"].values())
+    assert all(r["frechet"] != r["frechet_ex_post"] for r in doc["runs"].values())
     assert doc["summary"]["classifier"]["task"] == "rotation (4 classes)"
     assert_png(tmp_path / "samples.png")
     assert_png(tmp_path / "frechet.png")

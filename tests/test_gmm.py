@@ -111,3 +111,17 @@ def test_constructor_and_sampler_reject_bad_input():
         TRUE.log_prob(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="positive int"):
         TRUE.sample(0)
+
+
+def test_code_density_and_ex_post_samples_of_an_autoencoder():
+    from fastjac.models import code_density, make_autoencoder, sample_images
+    torch.manual_seed(0)
+    model = make_autoencoder("grae", "mlp", data_shape=(1, 4, 4), latent_dim=2, beta=0.1, width=0.1).eval()
+    x = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    density = code_density(model, x, 3, batch_size=64)
+    with torch.no_grad():
+        codes = model.encode(x).double()
+    assert density.dim == 2 and density.components == 3
+    torch.testing.assert_close(density.mean(), codes.mean(0), atol=1e-6, rtol=1e-6)   # EM keeps the mean
+    images = sample_images(model, density, 7, generator=torch.Generator().manual_seed(2))
+    assert images.shape == (7, 1, 4, 4) and images.dtype == torch.float32

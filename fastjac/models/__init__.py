@@ -6,7 +6,7 @@
 """
 from .autoencoders import GRAE, BetaVAE, Objectives
 from .linear2d import Linear2DDecoder, LinearGaussianEncoder, random_rotation
-from .mixture import GaussianMixture
+from .mixture import GaussianMixture, code_density, sample_images
 from .networks import ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 from .posterior import GaussianPosterior, Posterior, block_mask
 from .presets import ARCHITECTURES, MODELS, make_autoencoder
@@ -15,5 +15,5 @@ __all__ = [
     "BetaVAE", "GRAE", "Objectives", "GaussianPosterior", "Posterior", "block_mask",
     "MLPEncoder", "MLPDecoder", "ConvEncoder", "ConvDecoder", "Linear2DDecoder",
     "LinearGaussianEncoder", "random_rotation", "make_autoencoder", "MODELS", "ARCHITECTURES",
-    "GaussianMixture",
+    "GaussianMixture", "code_density", "sample_images",
 ]

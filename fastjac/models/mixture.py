@@ -151,4 +151,23 @@ def _maximisation(z: Tensor, resp: Tensor, ridge: float) -> GaussianMixture:
     return GaussianMixture(counts / counts.sum(), means, cov)
 
 
-__all__ = ["GaussianMixture"]
+
+@torch.no_grad()
+def code_density(model, images: Tensor, components: int, *, batch_size: int = 500,
+                 seed: int = 0) -> GaussianMixture:
+    """The mixture fitted to ``model.encode`` of the training images (any fastjac autoencoder,
+    or anything with ``encode(x) -> (B, d)``)."""
+    codes = torch.cat([model.encode(chunk).reshape(len(chunk), -1) for chunk in torch.split(images, batch_size)])
+    return GaussianMixture.fit(codes, components, seed=seed)
+
+
+@torch.no_grad()
+def sample_images(model, density: GaussianMixture, n: int, *,
+                  generator: Optional[torch.Generator] = None) -> Tensor:
+    """``model.decoder`` of n codes drawn from ``density``: the ex-post counterpart of
+    ``model.sample`` (which draws the codes from the prior N(0, I))."""
+    param = next(model.decoder.parameters())
+    return model.decoder(density.sample(n, generator=generator).to(param.device, param.dtype))
+
+
+__all__ = ["GaussianMixture", "code_density", "sample_images"]
