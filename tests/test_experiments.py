@@ -171,7 +171,7 @@ def test_objectives_evaluate_gap_is_nonnegative_and_matches_closed_form(block_si
 
 
 def test_objectives_taylor_equals_grae_at_the_optimal_posterior_of_a_linear_decoder():
-    """SPEC §4 linear check: with Σ = Σ* the gap vanishes, and for a linear decoder the Monte Carlo
+    """Linear check (docs/maths.md#the-taylor-gap): with Σ = Σ* the gap vanishes, and for a linear decoder the Monte Carlo
     β-VAE value converges to Taylor (the expansion is exact)."""
     from fastjac import beta_vae_terms, grae_terms, optimal_posterior_covariance, taylor_beta_vae_loss
     g = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ in float64, per data point:
 - Taylor β-VAE (Eq. 7) with the same posterior;
 - GRAE (Eq. 13) at z = posterior mean, exact log det;
 - the gap Taylor − GRAE, checked ≥ 0 on every point and against its closed form
-  (β/2)[tr(MΣ) − log det(MΣ) − d], M = Σ*⁻¹ = I + JᵀJ/β (SPEC §4).
+  (β/2)[tr(MΣ) − log det(MΣ) − d], M = Σ*⁻¹ = I + JᵀJ/β (docs/maths.md#the-taylor-gap).
 All values come from the package's functional objectives; nothing is re-derived here.
 """
 from __future__ import annotations

@@ -126,7 +126,7 @@ class BetaVAE(_Autoencoder):
         decoder: z (B, d) -> (B, *data_shape).
         posterior: a head such as :class:`GaussianPosterior` (mean-field, block-diagonal or full),
             or None when the encoder already returns the posterior.
-        beta: β > 0; observation: "gaussian" | "bernoulli" | "bernoulli_logits" | an object (SPEC §2).
+        beta: β > 0; observation: "gaussian" | "bernoulli" | "bernoulli_logits" | an object (docs/maths.md#observation-models).
 
     Example:
         >>> enc, dec = MLPEncoder((64,), hidden=(128,)), MLPDecoder(8, (64,), hidden=(128,))

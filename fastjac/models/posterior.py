@@ -1,4 +1,4 @@
-"""Gaussian posteriors q(z|x) = N(μ, CCᵀ) with block-diagonal Cholesky factors (SPEC §4).
+"""Gaussian posteriors q(z|x) = N(μ, CCᵀ) with block-diagonal Cholesky factors (docs/maths.md#objectives).
 
 Block size b groups consecutive latents: b = 1 is mean-field, b = d is a full covariance,
 anything between is the block-diagonal family of the paper's Fig. 2/3 (the last block may
