@@ -27,10 +27,6 @@ def strided(t: Optional[torch.Tensor]) -> list[int]:
     return [t.data_ptr(), *t.stride(), *([0] * (3 - t.dim()))]
 
 
-def address(t: Optional[torch.Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
 def target(t: torch.Tensor):
     """Where the extension runs for a tensor: its CUDA device and current stream, or host threads."""
     if t.device.type == "cuda":

@@ -88,6 +88,17 @@ def test_opcheck_gram_backward(backend):
             torch.library.opcheck(op, (Jd, wd, gamma, True, True), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", [_param("tangent_linear", b) for b in _dispatch.BACKENDS])
+def test_opcheck_tangent_linear(backend):
+    g = torch.Generator().manual_seed(0)
+    N, IN, OUT, k = 3, 4, 5, 2
+    h, T = torch.randn(N, IN, generator=g), torch.randn(k, N, IN, generator=g)
+    W, b = torch.randn(OUT, IN, generator=g), torch.randn(OUT, generator=g)
+    for bias in (b, None):
+        args = [t.to(DEVICE).requires_grad_() for t in (h, T, W)] + [None if bias is None else bias.to(DEVICE)]
+        torch.library.opcheck(torch.ops.fastjac.tangent_linear.default, (*args, "elu", backend))
+
+
 ESTIMATORS = {"exact": "logdet_gram", "fischer": "logdet_gram", "hadamard": "column_estimate",
               "stochastic": "column_estimate"}
 

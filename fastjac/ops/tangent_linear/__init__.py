@@ -41,17 +41,35 @@ def _setup(ctx, inputs, output):
     ctx.activation, ctx.backend = activation, backend
 
 
+@torch.library.custom_op("fastjac::tangent_linear_backward", mutates_args=())
+def _backend_backward(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[Tensor], a: Tensor,
+                      grad_y: Tensor, grad_U: Tensor, activation: str, backend: str,
+                      needs: list[bool]) -> list[Tensor]:
+    """A kernel backend's backward as an opaque op (AOT autograd traces the backward with fake
+    tensors, which a raw kernel launch cannot take); a gradient not needed is an empty tensor."""
+    grads = _dispatch.implementation(OP, backend).backward(
+        h, tangents, weight, bias, activation, a, grad_y, grad_U, tuple(needs))
+    return [h.new_empty(0) if g is None else g for g in grads]
+
+
+@_backend_backward.register_fake
+def _(h, tangents, weight, bias, a, grad_y, grad_U, activation, backend, needs):
+    shapes = (h, tangents, weight, bias)
+    return [t.new_empty(t.shape) if (need and t is not None) else h.new_empty(0) for t, need in zip(shapes, needs)]
+
+
 def _backward(ctx, grad_y, grad_U, _grad_a):
     h, tangents, weight, bias, a = ctx.saved_tensors
     grad_y = torch.zeros_like(a) if grad_y is None else grad_y
     grad_U = a.new_zeros(tangents.shape[0], *a.shape) if grad_U is None else grad_U
-    needs = ctx.needs_input_grad[:4]
-    if torch.is_grad_enabled():  # create_graph=True: differentiable a, differentiable backward
-        a = reference.pre_activation(h, weight, bias)
-        impl = reference
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    if torch.is_grad_enabled() or ctx.backend == "torch":  # create_graph=True: differentiable a
+        a = reference.pre_activation(h, weight, bias) if torch.is_grad_enabled() else a
+        grads = reference.backward(h, tangents, weight, bias, ctx.activation, a, grad_y, grad_U, needs)
     else:
-        impl = _dispatch.implementation(OP, ctx.backend)
-    grads = impl.backward(h, tangents, weight, bias, ctx.activation, a, grad_y, grad_U, needs)
+        grads = _backend_backward(h, tangents, weight, bias, a, grad_y, grad_U, ctx.activation, ctx.backend, needs)
+        grads = [g if need and g.numel() else None for g, need in zip(grads, needs)]
+        grads[3] = None if bias is None else grads[3]
     return (*grads, None, None)
 
 
