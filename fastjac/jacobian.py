@@ -5,7 +5,9 @@ One primal pass of the decoder carries k tangents at once (``torch.func.jvp`` un
 result is differentiable into z and the decoder's parameters (reverse over forward).
 Reverse mode over the D outputs is never used. Decoders that carry tangents themselves
 (a ``tangent_forward(z, tangents)`` method, e.g. :class:`fastjac.nn.TangentMLP` with its
-fused Linear+activation kernels) are used through that method instead of torch.func.
+fused Linear+activation kernels) are used through that method instead of torch.func, and plain
+``nn.Sequential`` decoders of common layers by the stacked evaluation of
+:mod:`fastjac.autodiff.stacked` (primal and tangents through one call per layer).
 
 Every entry point (:func:`jacobian_columns`, :mod:`fastjac.chunked`, and through them every
 estimator and objective) prepares the decoder here, in one place:
@@ -47,6 +49,7 @@ Pitfalls, and what happens here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import threading
@@ -59,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from . import _decoders
+from .autodiff import stacked
 from . import _validation as check
 from ._rules import BATCH_FIX, BatchCouplingWarning, column_rules, refuse_running_statistics_update, updates_running_statistics
 
@@ -182,11 +186,24 @@ def random_state(device: torch.device) -> Callable[[], None]:
     return replay
 
 
+def _plain_ops(push):
+    """Marks a push that runs ordinary torch ops only (no forward AD, no ruled op)."""
+    def run(z, tangents):
+        return push(z, tangents)
+    run.plain_ops = True
+    return run
+
+
 def _pusher(decoder: Callable, output: Selector, flat: bool):
     """push(z (B, *latent), tangents (k, B, *latent)) -> (out (B, *out), tangent outputs (k, B, *out))."""
     fused = getattr(decoder, "tangent_forward", None)
     if output is None and flat and callable(fused):
-        return fused
+        return _plain_ops(fused)
+    under_autocast = isinstance(decoder, _decoders.UnderAutocast)
+    inner = decoder.func if under_autocast else decoder
+    if output is None and stacked.supports(inner):
+        push = functools.partial(stacked.push, inner)
+        return _plain_ops(functools.partial(decoder._call, push) if under_autocast else push)
 
     def decode(code):
         return select_output(decoder(code), output)
@@ -242,7 +259,10 @@ def _captured_write(error: Exception) -> Exception:
 
 
 def _push(push, decoder, output, z: Tensor, tangents: Tensor):
-    """One tangent pass under the op rules and the forward-AD lock (see the module notes)."""
+    """One tangent pass under the op rules and the forward-AD lock (see the module notes); the
+    stacked and fused pushes use neither forward AD nor a ruled op."""
+    if getattr(push, "plain_ops", False):
+        return push(z, tangents)
     if torch.compiler.is_compiling():
         with column_rules():
             return push(z, tangents)

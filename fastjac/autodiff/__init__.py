@@ -1,0 +1,1 @@
+"""Tangent evaluations of decoders that torch.func would otherwise push (see :mod:`.stacked`)."""

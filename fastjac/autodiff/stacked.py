@@ -1,0 +1,154 @@
+"""Stacked tangent evaluation of plain ``nn.Sequential`` decoders: primal and k tangents in one call per layer.
+
+For a decoder built only of the layers in :data:`LAYERS` (Linear, convolutions, eval-mode
+BatchNorm, reshapes, resampling and elementwise activations), :func:`push` runs the primal z and
+the k tangents stacked along the batch, X = [z; t_1; …; t_k] ((1 + k)·B rows):
+- linear layers (Linear, Conv*, ConvTranspose*) are linear in X, so one call on the stack gives
+  the primal and every tangent; the bias is added to the primal rows only;
+- reshapes, Upsample, PixelShuffle, Dropout in eval mode act on each row alike;
+- BatchNorm in eval mode: the primal through torch, the tangents scaled by weight/√(var + ε);
+- an activation σ: primal rows σ(p), tangent rows σ′(p) ⊙ t by torch's fused backward kernel of σ.
+Everything is ordinary torch ops, so the result is differentiable by reverse mode, exactly (the
+kernels' own derivatives are torch's double-backward formulas). Against ``torch.func.jvp`` under ``vmap`` this
+saves one call and one weight-gradient sum per layer in backward, and all of functorch's
+per-op overhead (a GRAE≈ step on the benchmarks' MLP: see ``fastjac.bench.zoo``).
+
+Any other module (or a hook, or a training-mode BatchNorm/Dropout) makes :func:`supports` false
+and the decoder goes through torch.func under the op rules instead.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+aten = torch.ops.aten
+
+
+def _silu_tangent(t: Tensor, p: Tensor) -> Tensor:
+    """silu′(p) ⊙ t = σ(p)(1 + p(1 − σ(p))) ⊙ t (torch's silu_backward has no derivative)."""
+    s = torch.sigmoid(p)
+    return t * (s * (1 + p * (1 - s)))
+
+
+# activation type -> (σ(m, p), (m, t, p, y) -> σ′(p) ⊙ t). σ′ ⊙ t is torch's own fused backward
+# kernel of σ (what torch's forward-AD formula and ordinary double backward use): one kernel for
+# the tangent, and its derivative (double backward) is exact; SiLU's kernel has no derivative,
+# so its σ′ is written out. (CELU is left to torch.func: torch's own CELU derivatives are off by
+# ~3e-8 in float64, and the stacked result would then differ from every other path.)
+ACTIVATIONS: dict = {
+    nn.Identity: (lambda m, p: p, None),
+    nn.ELU: (lambda m, p: F.elu(p, m.alpha), lambda m, t, p, y: aten.elu_backward(t, m.alpha, 1, 1, True, y)),
+    nn.ReLU: (lambda m, p: F.relu(p), lambda m, t, p, y: aten.threshold_backward(t, y, 0)),
+    nn.LeakyReLU: (lambda m, p: F.leaky_relu(p, m.negative_slope),
+                   lambda m, t, p, y: aten.leaky_relu_backward(t, p, m.negative_slope, False)),
+    nn.Sigmoid: (lambda m, p: torch.sigmoid(p), lambda m, t, p, y: aten.sigmoid_backward(t, y)),
+    nn.Tanh: (lambda m, p: torch.tanh(p), lambda m, t, p, y: aten.tanh_backward(t, y)),
+    nn.SiLU: (lambda m, p: F.silu(p), lambda m, t, p, y: _silu_tangent(t, p)),
+    nn.Softplus: (lambda m, p: F.softplus(p, m.beta, m.threshold),
+                  lambda m, t, p, y: aten.softplus_backward(t, p, m.beta, m.threshold)),
+    nn.GELU: (lambda m, p: F.gelu(p, approximate=m.approximate),
+              lambda m, t, p, y: aten.gelu_backward(t, p, approximate=m.approximate)),
+}
+LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+ROWWISE = (nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout)
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _plain(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+
+
+def _layer_supported(m: nn.Module) -> bool:
+    if not _plain(m):
+        return False
+    if type(m) in ACTIVATIONS:
+        return True  # the rules below never write in place, whatever ``inplace`` says
+    if isinstance(m, LINEAR):  # subclasses only with torch's own forward (parametrised ones are)
+        return any(type(m).forward is base.forward for base in LINEAR)
+    if isinstance(m, nn.Flatten):  # the batch dimension must stay as it is
+        return m.start_dim >= 1
+    if isinstance(m, nn.Unflatten):
+        return m.dim >= 1
+    if isinstance(m, nn.Dropout):
+        return not m.training or m.p == 0
+    if isinstance(m, BATCHNORM):
+        return not m.training and m.running_mean is not None
+    return type(m) in ROWWISE
+
+
+def supports(decoder) -> bool:
+    """Whether ``decoder`` is an ``nn.Sequential`` of :data:`LAYERS` only (nested Sequentials allowed)."""
+    if type(decoder) is not nn.Sequential or not _plain(decoder) or len(decoder) == 0:
+        return False
+    return all(supports(m) if type(m) is nn.Sequential else _layer_supported(m) for m in decoder)
+
+
+def _bias_on_primal(m: nn.Module, Y: Tensor, B: int) -> Tensor:
+    if m.bias is not None:
+        Y[:B] += m.bias.reshape((-1,) + (1,) * (Y.dim() - 2))
+    return Y
+
+
+_TRANSPOSED = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+               nn.ConvTranspose3d: F.conv_transpose3d}
+
+
+def _linear(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
+    """The layer without its bias on the whole stack (the module is not modified), then the bias."""
+    if isinstance(m, nn.Linear):
+        Y = F.linear(X, m.weight)
+    elif isinstance(m, nn.modules.conv._ConvTransposeNd):
+        conv = next(f for cls, f in _TRANSPOSED.items() if isinstance(m, cls))
+        Y = conv(X, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
+    else:
+        Y = m._conv_forward(X, m.weight, None)  # handles the padding modes
+    return _bias_on_primal(m, Y, B)
+
+
+def _batch_norm(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
+    P, T = X.split([B, k * B])
+    primal = m(P)
+    scale = torch.rsqrt(m.running_var + m.eps)
+    scale = scale if m.weight is None else scale * m.weight
+    return torch.cat([primal, T * scale.reshape((-1,) + (1,) * (X.dim() - 2))])
+
+
+def _activation(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
+    sigma, tangent = ACTIVATIONS[type(m)]
+    if tangent is None:
+        return X
+    p, T = X.split([B, k * B])
+    y = sigma(m, p)
+    if k == 1:
+        return torch.cat([y, tangent(m, T, p, y)])
+    p_k, y_k = (a.repeat((k,) + (1,) * (a.dim() - 1)) for a in (p, y))
+    return torch.cat([y, tangent(m, T, p_k, y_k)])
+
+
+def _layer_rule(m: nn.Module) -> Callable:
+    if isinstance(m, LINEAR):
+        return _linear
+    if isinstance(m, BATCHNORM):
+        return _batch_norm
+    if type(m) in ACTIVATIONS:
+        return _activation
+    return lambda m, X, B, k: m(X)
+
+
+def _leaves(decoder: nn.Sequential):
+    for m in decoder:
+        yield from (_leaves(m) if type(m) is nn.Sequential else (m,))
+
+
+def push(decoder: nn.Sequential, z: Tensor, tangents: Tensor):
+    """(out (B, *out), tangent outputs (k, B, *out)) for z (B, *latent), tangents (k, B, *latent)."""
+    k, B = tangents.shape[:2]
+    X = torch.cat([z.unsqueeze(0), tangents.to(z.dtype)]).reshape((k + 1) * B, *z.shape[1:])
+    for m in _leaves(decoder):
+        X = _layer_rule(m)(m, X, B, k)
+    out, T = X.split([B, k * B])
+    return out, T.reshape(k, B, *X.shape[1:])
