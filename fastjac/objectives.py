@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from . import _validation as check
 from . import observations
-from ._decoders import estimator_precision
 from .chunked import columns
 from .estimators import (ESTIMATORS, REDUCTIONS, Estimate, Settings, check_settings, option_defaults,
                          settings_from, with_options)
@@ -106,16 +105,16 @@ def _parameter_dtype(decoder) -> Optional[torch.dtype]:
 
 
 def _estimate(decoder, z: Tensor, beta, obs, x, s: Settings) -> Estimate:
-    """Run the estimator once; a dtype clash between z and the decoder is explained."""
-    with estimator_precision(decoder) as traceable:  # no DDP/compile wrapper; autocast only inside it
-        try:
-            return ESTIMATORS[s.estimator](traceable, z, beta, obs, x, s)
-        except RuntimeError as error:
-            dtype = _parameter_dtype(decoder)
-            if dtype is not None and dtype != z.dtype and "type" in str(error):
-                raise ValueError(f"z has dtype {z.dtype} but the decoder's parameters are {dtype}: cast "
-                                 f"one to the other (z.to({dtype}) or decoder.to({z.dtype}))") from error
-            raise
+    """Run the estimator once; a dtype clash between z and the decoder is explained. (The decoder
+    is prepared — wrappers removed, op rules, autocast kept to it — by the Jacobian engine.)"""
+    try:
+        return ESTIMATORS[s.estimator](decoder, z, beta, obs, x, s)
+    except RuntimeError as error:
+        dtype = _parameter_dtype(decoder)
+        if dtype is not None and dtype != z.dtype and "type" in str(error):
+            raise ValueError(f"z has dtype {z.dtype} but the decoder's parameters are {dtype}: cast "
+                             f"one to the other (z.to({dtype}) or decoder.to({z.dtype}))") from error
+        raise
 
 
 def _grae_terms(decoder, z: Tensor, beta, obs, x: Optional[Tensor], s: Settings) -> Terms:

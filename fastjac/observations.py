@@ -164,6 +164,7 @@ def weighted_dots(A: Tensor, C: Tensor, w) -> Tensor:
     in the accumulation dtype (‖J_w e_i‖² for A = C = J)."""
     acc = accumulation_dtype(A.dtype)
     prod = A.to(acc) * C.to(acc)
-    if isinstance(w, Tensor) and w.dim() == 2:
+    if not (isinstance(w, Tensor) and w.dim() == 2):
+        return prod.sum(1) * w
+    with _full_precision(prod)[1]:  # autocast would run this product in bf16/fp16
         return (w.to(acc).unsqueeze(1) @ prod).squeeze(1)
-    return prod.sum(1) * w

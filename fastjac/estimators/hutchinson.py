@@ -42,7 +42,8 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from .. import _validation as check
-from ..jacobian import jacobian_columns, select_output
+from .._rules import column_rules
+from ..jacobian import FORWARD_AD_LOCK, jacobian_columns, prepared, select_output
 from ..observations import observation_weights, weighted_dots
 from .settings import Estimate, Settings, check_output
 
@@ -145,11 +146,13 @@ def gram_matvec(decoder: Callable, z: Tensor, beta, obs, x, *, output=None, chun
     One primal decoder call now (its graph serves every VJP); each matvec then costs one decoder
     call (JVP with P tangents) and one reverse sweep. w is taken at g(z) and held fixed.
     """
+    decoder = prepared(decoder)  # wrappers removed, BatchNorm checked, as for the columns
+
     def decode(code):
         return select_output(decoder(code), output)
 
     beta = beta.detach() if isinstance(beta, Tensor) else beta
-    with torch.no_grad():
+    with torch.no_grad(), column_rules():
         z0 = z.detach()
         out, pullback = vjp(decode, z0)
         check_output(out)
@@ -164,7 +167,7 @@ def gram_matvec(decoder: Callable, z: Tensor, beta, obs, x, *, output=None, chun
         return jvp(decode, (z0,), (tangent.reshape(z0.shape),))[1]
 
     def matvec(V: Tensor) -> Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), FORWARD_AD_LOCK, column_rules():  # forward-AD state is process-wide
             Jv = vmap(push, chunk_size=chunk_size)(V)
             (JtWJv,) = vmap(pullback, chunk_size=chunk_size)(weighted(Jv))
             return V + JtWJv.reshape(V.shape) / beta

@@ -27,13 +27,23 @@ def draw(high: int, shape, z: Tensor, generator) -> Tensor:
     return torch.randint(high, shape, generator=generator, device=device).to(z.device)
 
 
-@functools.lru_cache(maxsize=64)
-def off_block_pairs(d: int, block_size: int, device: torch.device) -> Tensor:
-    """(pairs, 2) all column pairs i < j that lie in different blocks of ``block_size`` latents.
-    Cached per (d, b, device): the boolean mask would cost a host round-trip on every step."""
+def _all_off_block_pairs(d: int, block_size: int, device: torch.device) -> Tensor:
     i, j = torch.triu_indices(d, d, offset=1, device=device)
     keep = (i // block_size) != (j // block_size)
     return torch.stack([i[keep], j[keep]], -1)
+
+
+_cached_pairs = functools.lru_cache(maxsize=64)(_all_off_block_pairs)
+
+
+def off_block_pairs(d: int, block_size: int, device) -> Tensor:
+    """(pairs, 2) all column pairs i < j that lie in different blocks of ``block_size`` latents.
+    Cached per (d, b, device) (the boolean mask would cost a host round-trip on every step),
+    except while tracing or in inference mode, where a cached tensor could not be reused."""
+    uncacheable = (torch.compiler.is_compiling() or torch._guards.detect_fake_mode() is not None
+                   or torch.is_inference_mode_enabled())
+    make = _all_off_block_pairs if uncacheable else _cached_pairs
+    return make(d, block_size, torch.device(device))
 
 
 def _block_directions(blocks: Tensor, b: int, eye: Tensor) -> Tensor:
