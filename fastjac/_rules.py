@@ -19,7 +19,7 @@ whether it comes from an ``nn.Module`` handed in directly, one hidden behind a l
 
 An op with no forward-AD formula and no rule makes :func:`fastjac.jacobian_columns` fall back
 to the double-VJP method (exact, k reverse passes) with one warning naming the op.
-``tests/test_rules.py`` holds a canary per torch problem above: it fails once torch fixes it,
+``tests/test_zoo_rules.py`` holds a canary per torch problem above: it fails once torch fixes it,
 so the rule can be dropped.
 """
 from __future__ import annotations
@@ -150,7 +150,7 @@ class ColumnRules(TorchFunctionMode):
 
     A torch function written in Python runs its body with the mode off (torch pops a mode
     while it handles a call), so the table lists the one such function in torch 2.13 whose
-    body calls a ruled op (``multi_head_attention_forward``; ``tests/test_rules.py`` checks
+    body calls a ruled op (``multi_head_attention_forward``; ``tests/test_zoo_rules.py`` checks
     that no other function of ``torch.nn.functional`` does)."""
 
     def __torch_function__(self, func: Callable, types, args=(), kwargs=None):
