@@ -304,9 +304,11 @@ def beta_vae_loss(decoder: Callable, mu: Tensor, scale_tril: Tensor, x: Tensor, 
         Scalar, or (B,) for reduction="none".
     """
     check.choice("reduction", reduction, REDUCTIONS)
-    t = beta_vae_terms(decoder, mu, scale_tril, x, beta, observation=observation,
-                       num_samples=num_samples, generator=generator, output=output)
-    return reduce(t.per_sample, reduction)
+    check.positive_int("num_samples", num_samples)
+    with check.deferred():
+        beta, obs = _checked_posterior(mu, scale_tril, x, beta, observation)
+        t = _beta_vae_terms(decoder, mu, scale_tril, x, beta, obs, num_samples, generator, output)
+        return reduce(t.per_sample, reduction)
 
 
 def taylor_beta_vae_loss(decoder: Callable, mu: Tensor, scale_tril: Tensor, x: Tensor, beta, *,

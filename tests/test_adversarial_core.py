@@ -204,3 +204,18 @@ def test_an_interrupted_call_leaves_no_deferred_block_behind():
     assert _nan_loss_raises()
     with pytest.raises(ValueError, match="contains non-finite"):
         fastjac.logdet_gram(torch.full((1, 2, 2), float("nan")), BETA)
+
+
+def test_legacy_import_paths_still_work():
+    """fastjac.regularizer and fastjac.hutchinson are faces of the new homes (users import them)."""
+    from fastjac import estimators, hutchinson, objectives, regularizer
+    from fastjac.estimators import hutchinson as moved
+    assert regularizer.ESTIMATORS is estimators.ESTIMATORS
+    assert regularizer.jacobian_regularizer is objectives.jacobian_regularizer
+    assert regularizer.observation_weights is observations.observation_weights
+    assert hutchinson.ConvergenceWarning is moved.ConvergenceWarning
+    dec, z = mlp_decoder(3, 4), torch.randn(2, 3, dtype=torch.float64)
+    s = regularizer.Settings(estimator="exact")
+    t = regularizer.regularizer_terms(dec, z, BETA, settings=s)
+    assert_close("regularizer_terms", fastjac.jacobian_regularizer(dec, z, BETA, estimator="exact", reduction="none"),
+                 t.regularizer)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastjac import grae_loss, jacobian_columns, jacobian_regularizer, logdet_gram, observations
-from fastjac.hutchinson import (ConvergenceWarning, conjugate_gradients, draw_probes, gram_matvec,
+from fastjac.estimators.hutchinson import (ConvergenceWarning, conjugate_gradients, draw_probes, gram_matvec,
                                 lanczos_quadrature)
-from fastjac.regularizer import ESTIMATORS, Settings
+from fastjac.estimators import ESTIMATORS, Settings
 from tests.utils import assert_close, mlp_decoder
 
 F64 = torch.float64
