@@ -219,3 +219,32 @@ def test_legacy_import_paths_still_work():
     t = regularizer.regularizer_terms(dec, z, BETA, settings=s)
     assert_close("regularizer_terms", fastjac.jacobian_regularizer(dec, z, BETA, estimator="exact", reduction="none"),
                  t.regularizer)
+
+
+def test_deferred_checks_of_concurrent_calls_stay_in_their_thread():
+    """Thread A's call is inside its deferred block (its decoder waits) while thread B passes NaN:
+    B raises, A returns its value; neither sees the other's flags."""
+    net = mlp_decoder(3, 5, dtype=torch.float64)
+    inside, b_done = threading.Event(), threading.Event()
+    results = {}
+
+    def slow(z):
+        inside.set()
+        b_done.wait(10)
+        return net(z)
+
+    def thread_a():
+        results["a"] = fastjac.grae_loss(slow, torch.randn(2, 3, dtype=torch.float64),
+                                         torch.randn(2, 5, dtype=torch.float64), BETA, estimator="frobenius")
+
+    def thread_b():
+        inside.wait(10)
+        results["b"] = _nan_loss_raises()
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results["b"] is True and torch.isfinite(results["a"])
