@@ -5,6 +5,8 @@ import platform
 
 import torch
 
+from . import _validation
+from .estimators import ESTIMATORS
 from .ops import _dispatch
 
 
@@ -19,6 +21,8 @@ def info(file=None) -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "backends": _dispatch.availability(),
         "operators": _dispatch.operators(),
+        "estimators": {name: f"{fn.__module__}.{fn.__name__}" for name, fn in ESTIMATORS.items()},
+        "value_checks": _validation.values_checked(),
     }
     lines = [f"fastjac {report['fastjac']}  python {report['python']}  torch {report['torch']}"
              f"  cuda {report['cuda']}  devices {report['cuda_devices'] or 'none'}",
@@ -28,5 +32,8 @@ def info(file=None) -> dict:
     lines.append("operators (registered backends):")
     for op, backends in report["operators"].items():
         lines.append(f"  {op:24s} {', '.join(backends)}")
+    lines.append("estimators: " + ", ".join(f"{n} ({where})" for n, where in report["estimators"].items()))
+    lines.append(f"value checks: {'on' if report['value_checks'] else 'off'} in this thread "
+                 "(one host sync per loss call when on)")
     print("\n".join(lines), file=file)
     return report

@@ -406,3 +406,12 @@ def test_estimators_are_registered_explicitly():
                      fastjac.jacobian_regularizer(dec, z, 0.5, estimator="twice_hadamard"))
     finally:
         del ESTIMATORS["twice_hadamard"]
+
+
+def test_info_names_where_each_estimator_lives_and_the_check_state(capsys):
+    report = fastjac.info()
+    assert report["estimators"]["stochastic"] == "fastjac.estimators.stochastic.stochastic"
+    assert report["value_checks"] is True
+    with fastjac.checks(False):
+        assert fastjac.info()["value_checks"] is False
+    assert "estimators: exact (fastjac.estimators.full.exact)" in capsys.readouterr().out
