@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,6 +241,32 @@ def test_structure_measure_on_a_known_optimal_posterior():
     assert m["chance"] == pytest.approx(8 / 12)
 
 
+def test_structure_optimal_posterior_of_a_linear_decoder_is_eq_11():
+    """For a linear decoder the β-VAE objective's optimal block Σ is Eq. 11 exactly; with fixed draws
+    it is found up to the draws' sampling error, from a start far from it."""
+    from fastjac.experiments import structure
+    from fastjac.models import Posterior
+
+    torch.manual_seed(0)
+    dec = torch.nn.Linear(4, 9).double()
+    x = torch.rand(5, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    class Start(torch.nn.Module):
+        beta, observation, decoder = 0.4, __import__("fastjac").Gaussian(), dec
+
+        def posterior_of(self, x):
+            return Posterior(x[:, :4], 0.5 * torch.eye(4, dtype=x.dtype).expand(len(x), 4, 4).clone())
+
+    start = structure.measure(Start(), x, 2)
+    best = structure.optimal_posteriors(Start(), x, 2, num_samples=4000, iterations=200)
+    rough = structure.optimal_posteriors(Start(), x, 2, num_samples=100, iterations=200)
+    assert min(start["relative_error_in_blocks"]) > 0.3
+    # the fixed draws' sampling error, ~ 1/√S in Σ (amplified in Σ⁻¹): shrinks with more draws
+    assert np.median(best["relative_error_in_blocks"]) < 0.06 < np.median(rough["relative_error_in_blocks"])
+    P = best["precision"][0]
+    assert abs(P[0, 2]) < 1e-12 and abs(P[1, 3]) < 1e-12         # the block structure is kept
+
+
 def test_structure_quick_path_at_toy_size(tmp_path):
     argv = ["structure", "--quick", "--models", "0.2,4,2", "0.5,3,3", "--train-steps", "3",
             "--test-points", "10", "--width", "0.1"]
@@ -360,3 +387,35 @@ def test_batched_lbfgs_rows_do_not_interact():
     x, _ = lbfgs.minimise(_rosenbrock_rows(SCALES), broken, iterations=30)
     assert torch.equal(x[1, 1:], broken[1, 1:]) and torch.isnan(x[1, 0])
     torch.testing.assert_close(x[[0, 2]], batched[[0, 2]], rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ published tables
+
+def test_publish_adds_provenance_scrubs_paths_and_refuses_other_files(tmp_path):
+    from fastjac.experiments import tables
+    res = {"experiment": "structure", "config": {"model": {"data_dir": "/home/me/data/mnist"}},
+           "runs": {"k": {"train": {"run": "/tmp/xyz/models/m1"}}}, "summary": None}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    path = tables.publish("structure-x", tmp_path / "results.json", command="fastjac reproduce structure",
+                          machine="test box", out_dir=tmp_path / "pub", date="2026-01-01 00:00 UTC")
+    doc = json.loads(path.read_text())
+    assert doc["command"] == "fastjac reproduce structure" and doc["machine"] == "test box"
+    assert doc["config"]["model"]["data_dir"] == "data/mnist" and doc["runs"]["k"]["train"]["run"] == "models/m1"
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an experiment"):
+        tables.publish("x", tmp_path / "other.json", command="c", machine="m", out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="publish it first"):
+        tables.RENDERERS["samples-digits"](tmp_path / "pub")
+
+
+def test_every_renderer_renders_the_committed_results():
+    """docs/reproduction.md's generated sections come from these; each names its command."""
+    from pathlib import Path
+
+    from fastjac.experiments import tables
+    results = Path(__file__).resolve().parents[1] / "docs" / "results"
+    for name, render in tables.RENDERERS.items():
+        text = render(results)
+        assert text.startswith("| ") and text.endswith("\n"), name
+        assert "Produced by `fastjac reproduce" in text and "docs/results/" in text, name
+        assert "nan" not in text.lower().replace("nats", ""), name

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from ..jacobian import jacobian_columns
+from ..objectives import beta_vae_terms
 from ..models import block_mask
-from ..regularizer import observation_weights
-from . import common, plotting
+from ..observations import observation_weights
+from . import common, lbfgs, plotting
 from .fit import fit
 from .results import Results, log
 
@@ -45,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--refine-encoder", type=int, default=0, metavar="STEPS",
                         help="then train the encoder alone this many steps with the decoder frozen and "
                              "measure again: the posterior's limit at that decoder (0: skip)")
+    parser.add_argument("--optimal-posterior", type=int, default=0, metavar="DRAWS",
+                        help="also measure, at the last checkpoint, the per-point Σ minimising the β-VAE "
+                             "objective (this many fixed draws) at the encoder's mean: any encoder's limit")
 
 
 def _triples(specs) -> tuple:
@@ -58,19 +62,17 @@ def _triples(specs) -> tuple:
     return tuple(out)
 
 
-@torch.no_grad()
-def measure(model, x: torch.Tensor, block_size: int, batch_size: int = 250) -> dict:
-    """Per-point Σ⁻¹, JᵀJ (weighted, J_wᵀJ_w) and the structure numbers, as numpy arrays."""
-    precisions, grams = [], []
-    for chunk in torch.split(x, batch_size):
-        q = model.posterior_of(chunk)
-        out, J = jacobian_columns(model.decoder, q.mean)
-        w = observation_weights(model.observation, out, chunk)
-        Jw = J * (w.unsqueeze(-1).sqrt() if isinstance(w, torch.Tensor) and w.dim() == 2 else w ** 0.5)
-        grams.append(Jw.mT @ Jw)
-        precisions.append(torch.cholesky_inverse(q.scale_tril))
-    P, G = torch.cat(precisions), torch.cat(grams)
-    d, beta = G.shape[-1], model.beta
+def _gram(model, mu: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """J_wᵀJ_w of the decoder at the codes mu (observation weights applied)."""
+    out, J = jacobian_columns(model.decoder, mu)
+    w = observation_weights(model.observation, out, x)
+    Jw = J * (w.unsqueeze(-1).sqrt() if isinstance(w, torch.Tensor) and w.dim() == 2 else w ** 0.5)
+    return Jw.mT @ Jw
+
+
+def structure_numbers(P: torch.Tensor, G: torch.Tensor, beta: float, block_size: int) -> dict:
+    """Off-block energy of JᵀJ and the relative errors of Eq. 11 from per-point Σ⁻¹ and JᵀJ."""
+    d = G.shape[-1]
     inside = block_mask(d, block_size)
     off_diagonal = ~torch.eye(d, dtype=torch.bool)
     energy = G ** 2
@@ -83,16 +85,63 @@ def measure(model, x: torch.Tensor, block_size: int, batch_size: int = 250) -> d
                 chance=float((~inside).sum() / off_diagonal.sum()))
 
 
+@torch.no_grad()
+def measure(model, x: torch.Tensor, block_size: int, batch_size: int = 250) -> dict:
+    """Per-point Σ⁻¹, JᵀJ (weighted, J_wᵀJ_w) and the structure numbers, as numpy arrays."""
+    precisions, grams = [], []
+    for chunk in torch.split(x, batch_size):
+        q = model.posterior_of(chunk)
+        grams.append(_gram(model, q.mean, chunk))
+        precisions.append(torch.cholesky_inverse(q.scale_tril))
+    return structure_numbers(torch.cat(precisions), torch.cat(grams), model.beta, block_size)
+
+
+def optimal_posteriors(model, x: torch.Tensor, block_size: int, *, num_samples: int, iterations: int = 300,
+                       seed: int = 0) -> dict:
+    """The limit of any encoder at this decoder: per point, the block-diagonal Σ = LLᵀ minimising the
+    β-VAE objective itself (Monte Carlo with ``num_samples`` fixed draws, so deterministic) at the
+    encoder's mean, by per-point L-BFGS from the encoder's Σ. Eq. 11 is this optimum under the
+    second-order (Taylor) approximation; what remains between the two is the decoder's curvature."""
+    with torch.no_grad():
+        q = model.posterior_of(x)
+        mu, L0 = q.mean, q.scale_tril
+    d = mu.shape[1]
+    free = block_mask(d, block_size) & torch.ones(d, d, dtype=torch.bool).tril(-1)
+    eye = torch.eye(d, dtype=mu.dtype)
+
+    def scale_tril(theta):                      # strictly-lower block entries and log-diagonal
+        lower = torch.zeros(len(theta), d, d, dtype=theta.dtype).masked_scatter(free, theta[:, d:])
+        return lower + eye * theta[:, :d].exp().unsqueeze(-1)
+
+    def value_and_grad(theta):
+        theta = theta.detach().requires_grad_()
+        with torch.enable_grad():
+            t = beta_vae_terms(model.decoder, mu, scale_tril(theta), x, model.beta, observation=model.observation,
+                               num_samples=num_samples, generator=torch.Generator().manual_seed(seed))
+            f = t.reconstruction.mean(0) + model.beta * t.kl
+            (g,) = torch.autograd.grad(f.sum(), theta)
+        return f.detach(), g
+
+    theta0 = torch.cat([L0.diagonal(dim1=-2, dim2=-1).log(), L0[:, free]], 1)
+    theta, _ = lbfgs.minimise(value_and_grad, theta0, iterations=iterations, tolerance=1e-8)
+    with torch.no_grad():
+        return structure_numbers(torch.cholesky_inverse(scale_tril(theta)), _gram(model, mu, x),
+                                 model.beta, block_size)
+
+
 def _grid(args, base) -> dict:
     models = _triples(args.models) if args.models else base["models"]
     for beta, d, b in models:
         if not (beta > 0 and d >= 2 and 1 <= b <= d):
             raise ValueError(f"--models: need β > 0, d >= 2 and 1 <= b <= d, got {beta},{d},{b}")
     steps = sorted(set(args.checkpoints or [args.train_steps or base["train_steps"]]))
-    if steps[0] < 1 or args.refine_encoder < 0:
-        raise ValueError("--checkpoints must be >= 1 and --refine-encoder >= 0")
-    return dict(models=[list(m) for m in models], checkpoints=steps, refine_encoder=args.refine_encoder,
+    if steps[0] < 1 or args.refine_encoder < 0 or args.optimal_posterior < 0:
+        raise ValueError("--checkpoints must be >= 1, --refine-encoder and --optimal-posterior >= 0")
+    grid = dict(models=[list(m) for m in models], checkpoints=steps, refine_encoder=args.refine_encoder,
                 test_points=args.test_points or base["test_points"])
+    if args.optimal_posterior:
+        grid["optimal_posterior_draws"] = args.optimal_posterior
+    return grid
 
 
 def _record(m: dict, beta, d, b, steps, fitted) -> dict:
@@ -139,6 +188,13 @@ def _measure_model(args, results, grid, model_cfg, data, test, spec) -> tuple:
         if key not in results:
             results.put(key, _record(m, beta, d, b, steps, fitted) | {"encoder_steps": grid["refine_encoder"]})
         _log_record(key, results[key])
+    if grid.get("optimal_posterior_draws"):
+        key = f"beta={beta:g}/d={d}/b={b}/steps={steps}+optimal"
+        if key not in results:
+            m = optimal_posteriors(model.cpu().double(), test, b, num_samples=grid["optimal_posterior_draws"],
+                                   seed=args.seed)
+            results.put(key, _record(m, beta, d, b, steps, None) | {"optimal_draws": grid["optimal_posterior_draws"]})
+        _log_record(key, results[key])
     return shown
 
 
@@ -174,7 +230,8 @@ def _print_table(rows) -> None:
     log(f"\n{'β':>5s} {'d':>3s} {'b':>2s} {'steps':>14s} {'off-block energy':>17s} {'chance':>7s} "
         f"{'rel. err. (all)':>16s} {'rel. err. (blocks)':>19s} {'tr JᵀJ':>8s}")
     for r in rows:
-        steps = f"{r['steps']}" + (f"+enc{r['encoder_steps']}" if "encoder_steps" in r else "")
+        steps = f"{r['steps']}" + (f"+enc{r['encoder_steps']}" if "encoder_steps" in r else "") + (
+            "+opt" if "optimal_draws" in r else "")
         log(f"{r['beta']:5g} {r['latent_dim']:3d} {r['block_size']:2d} {steps:>14s} "
             f"{r['off_block_fraction_median']:17.3f} {r['chance']:7.3f} {r['relative_error_median']:16.3f} "
             f"{r['relative_error_in_blocks_median']:19.3f} {r['gram_trace_median']:8.2f}")

@@ -1,0 +1,225 @@
+"""The tables of docs/reproduction.md, rendered from the committed results files docs/results/*.json.
+
+A published results file is an experiment's ``results.json`` plus where it came from::
+
+    python -m fastjac.experiments.tables publish structure-digits results/structure/results.json \
+        --command "fastjac reproduce structure --quick ..." --machine "2-core CPU, 1 thread"
+
+adds ``name``, ``command``, ``machine``, ``date`` (and, if given, ``wall_seconds`` / ``cpu_seconds``),
+replaces absolute paths by their last two parts, and writes ``docs/results/<name>.json``.
+``RENDERERS`` maps each generated section of docs/reproduction.md (``<!-- generated:NAME -->``) to a
+function ``results_dir -> markdown``: the table, with the command, machine and date beside it.
+The docs' render script calls them and ``--check`` fails when the page differs from what they give.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+from .results import atomic_write
+
+
+# ----------------------------------------------------------------------------------- publishing
+
+def _scrub(value):
+    """Absolute paths (machine specific) shortened to their last two parts."""
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value and " " not in value:
+        return "/".join(Path(value).parts[-2:])
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def publish(name: str, results_json: Path, *, command: str, machine: str, out_dir: Path,
+            wall_seconds: Optional[float] = None, cpu_seconds: Optional[float] = None,
+            date: Optional[str] = None) -> Path:
+    """Write ``out_dir/<name>.json``: the results with their provenance."""
+    doc = json.loads(Path(results_json).read_text())
+    if "experiment" not in doc or "runs" not in doc:
+        raise ValueError(f"{results_json} is not an experiment's results.json")
+    published = dict(name=name, command=command, machine=machine,
+                     date=date or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                     wall_seconds=wall_seconds, cpu_seconds=cpu_seconds, **_scrub(doc))
+    path = Path(out_dir) / f"{name}.json"
+    text = json.dumps(published, indent=1, allow_nan=False, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def load(results_dir: Path, name: str) -> dict:
+    path = Path(results_dir) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file {path}; publish it first (python -m "
+                                f"fastjac.experiments.tables publish {name} …)")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------ markdown
+
+def _num(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    text = f"{value:.{digits}f}"
+    return text.replace("-", "−") if text.startswith("-") else text
+
+
+def _gap(value) -> str:
+    """An ELBO gap (≤ 0): in nats, scientific when tiny."""
+    if value is None or not math.isfinite(value):
+        return "—"
+    return f"{value:.1e}".replace("-", "−") if abs(value) < 1e-3 else _num(value, 4)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _provenance(docs: list[dict]) -> str:
+    parts = []
+    for d in docs:
+        time = ""
+        if d.get("wall_seconds"):
+            time = f", {d['wall_seconds'] / 60:.1f} min wall"
+            time += f" / {d['cpu_seconds'] / 60:.1f} min CPU" if d.get("cpu_seconds") else ""
+        parts.append(f"`{d['command']}` ({d['machine']}, {d['date']}{time}; `docs/results/{d['name']}.json`)")
+    return "Produced by " + "; ".join(parts) + "."
+
+
+def _section(docs: list[dict], table: str) -> str:
+    return f"{table}\n\n{_provenance(docs)}\n"
+
+
+# ----------------------------------------------------------------------------------- renderers
+
+def _identifiability_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
+    mixing = doc["config"]["training"]["mixing"]
+    rows = []
+    for r in doc["summary"]:
+        principal = (f"{_num(r['near_best_principal_angle_median_abs'], 1)}°"
+                     if mixing == "gaussian" else "—")
+        rows.append(([mixing] if with_mixing else []) + [
+            r["nonlinearity"], r["inference"], r["covariance"], str(r["runs"]),
+            f"{r['near_best_runs']}", _gap(r.get("best_gap_min")),
+            f"{_num(r['near_best_angle_median_abs'], 1)}° / {_num(r['near_best_angle_max_abs'], 1)}°",
+            f"{_num(r.get('near_best_angle_to_best_median_abs'), 1)}°", principal,
+            "—" if r.get("gradient_max") is None else f"{r['gradient_max']:.0e}"])
+    return rows
+
+
+IDENTIFIABILITY_HEADER = ["ν", "inference", "Σ", "runs", "within 0.01 nats of the best",
+                          "worst gap of Σ's best run", "median / max \\|θ\\| (within 0.01)",
+                          "spread (median)", "median \\|θ_W\\|", "largest gradient entry"]
+
+
+def identifiability_quick(results_dir: Path) -> str:
+    doc = load(results_dir, "identifiability-quick")
+    return _section([doc], _table(IDENTIFIABILITY_HEADER, _identifiability_rows(doc, False)))
+
+
+GRID = [f"identifiability-{inference}-{mixing}" for inference in ("amortised", "unamortised")
+        for mixing in ("orthogonal", "gaussian")]
+
+
+def identifiability_grid(results_dir: Path) -> str:
+    docs = [load(results_dir, n) for n in GRID if (Path(results_dir) / f"{n}.json").is_file()]
+    if not docs:
+        raise FileNotFoundError(f"none of {GRID} in {results_dir}")
+    rows = [row for d in docs for row in _identifiability_rows(d, True)]
+    return _section(docs, _table(["W"] + IDENTIFIABILITY_HEADER, rows))
+
+
+def _structure_rows(doc: dict, label: str) -> list[list[str]]:
+    rows = []
+    for r in doc["runs"].values():
+        steps = f"{r['steps']}" + (f" + encoder {r['encoder_steps']}" if "encoder_steps" in r else "") + (
+            f" + per-point optimal Σ ({r['optimal_draws']} draws)" if "optimal_draws" in r else "")
+        rows.append([label, f"{r['beta']:g}", str(r["latent_dim"]), str(r["block_size"]), steps,
+                     _num(r["off_block_fraction_median"]), _num(r["chance"]),
+                     _num(r["relative_error_median"]), _num(r["relative_error_in_blocks_median"])])
+    return rows
+
+
+def structure(results_dir: Path) -> str:
+    docs = [load(results_dir, n) for n in ("structure-digits", "structure-mnist")
+            if (Path(results_dir) / f"{n}.json").is_file()]
+    rows = [row for d in docs for row in _structure_rows(d, d["config"]["model"]["dataset"])]
+    header = ["data", "β", "d", "b", "training steps", "off-block energy", "chance", "rel. err. (all)",
+              "rel. err. (blocks)"]
+    return _section(docs, _table(header, rows))
+
+
+def samples_digits(results_dir: Path) -> str:
+    doc = load(results_dir, "samples-digits")
+    runs = doc["runs"]
+    rows = []
+    for beta in doc["config"]["grid"]["betas"]:
+        v, g = runs[f"beta-vae/beta={beta:g}"], runs[f"grae≈/beta={beta:g}"]
+        rows.append([f"{beta:g}", _num(v["frechet"]), _num(v.get("frechet_ex_post")), _num(g["frechet"]),
+                     _num(g.get("frechet_ex_post")), _num(v["reconstruction_sq_error"]),
+                     _num(g["reconstruction_sq_error"])])
+    header = ["β", "β-VAE, prior", "β-VAE, ex-post", "GRAE≈, prior", "GRAE≈, ex-post",
+              "β-VAE held-out ‖x − g(h(x))‖²", "GRAE≈ held-out ‖x − g(h(x))‖²"]
+    floor = f"Floor (training vs held-out real images): {_num(doc['summary']['floor'])}."
+    return _section([doc], _table(header, rows) + "\n\n" + floor)
+
+
+def _objectives(name: str) -> Callable[[Path], str]:
+    def render(results_dir: Path) -> str:
+        doc = load(results_dir, name)
+        rows = [[str(r["block_size"]), f"{r['beta']:g}", f"{_num(r['beta_vae'])} ± {_num(r['beta_vae_stderr'])}",
+                 _num(r["taylor"]), _num(r["grae"]), _num(r["beta_vae"] - r["taylor"]), _num(r["gap_mean"]),
+                 f"{r['gap_min']:.1e}"] for r in doc["runs"].values()]
+        header = ["b", "β", "β-VAE ± s.e.", "Taylor", "GRAE", "β-VAE − Taylor", "Taylor − GRAE",
+                  "min per-point gap"]
+        return _section([doc], _table(header, rows))
+    render.__name__ = name.replace("-", "_")
+    return render
+
+
+RENDERERS: dict[str, Callable[[Path], str]] = {
+    "identifiability-quick": identifiability_quick,
+    "identifiability-grid": identifiability_grid,
+    "structure": structure,
+    "samples-digits": samples_digits,
+    "objectives-digits": _objectives("objectives-digits"),
+    "objectives-mnist": _objectives("objectives-mnist"),
+}
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastjac.experiments.tables")
+    sub = parser.add_subparsers(dest="action", required=True)
+    pub = sub.add_parser("publish", help="copy a results.json into docs/results with its provenance")
+    pub.add_argument("name")
+    pub.add_argument("results_json", type=Path)
+    pub.add_argument("--command", required=True)
+    pub.add_argument("--machine", required=True)
+    pub.add_argument("--wall-seconds", type=float)
+    pub.add_argument("--cpu-seconds", type=float)
+    pub.add_argument("--date")
+    pub.add_argument("--out-dir", type=Path, default=Path("docs/results"))
+    show = sub.add_parser("render", help="print one generated section")
+    show.add_argument("name", choices=sorted(RENDERERS))
+    show.add_argument("--results-dir", type=Path, default=Path("docs/results"))
+    args = parser.parse_args(argv)
+    if args.action == "publish":
+        print(publish(args.name, args.results_json, command=args.command, machine=args.machine,
+                      out_dir=args.out_dir, wall_seconds=args.wall_seconds, cpu_seconds=args.cpu_seconds,
+                      date=args.date))
+    else:
+        print(RENDERERS[args.name](args.results_dir), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
