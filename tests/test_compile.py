@@ -70,12 +70,12 @@ def test_opcheck(backend, op):
 def test_opcheck_gram_backward(backend):
     """The backend's one pass over J, as traced inside every backward (a custom op, or torch ops)."""
     J, w, _beta, _scale = _inputs()
-    apply_gamma = _dispatch.implementation("logdet_gram", backend).gram_backward
+    backend_gram_backward = _dispatch.implementation("logdet_gram", backend).gram_backward
     Jd, wd = J.detach(), w.detach()
     gamma = Jd.mT @ Jd  # any symmetric (B, k, k) is a valid Γ
     for weights in (None, wd):
         for need_J, need_w in ((True, True), (True, False), (False, True)):
-            got = apply_gamma(Jd, weights, gamma, need_J, need_w)
+            got = backend_gram_backward(Jd, weights, gamma, need_J, need_w)
             want = fastjac.ops._gram.gram_backward(Jd.double(), None if weights is None else weights.double(),
                                                   gamma.double(), need_J, need_w)
             for name, g, r in zip(("grad_J", "grad_w"), got, want):

@@ -47,11 +47,11 @@ def _backward(ctx, grad, _grad_n):
     J, w, beta, scale, n = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     if torch.is_grad_enabled():  # create_graph=True: differentiable norms, reference pass
-        n, apply_gamma = column_norms(J, w), gram_backward
+        n, backend_gram_backward = column_norms(J, w), gram_backward
     else:
-        apply_gamma = _dispatch.implementation(OP, ctx.backend).gram_backward
+        backend_gram_backward = _dispatch.implementation(OP, ctx.backend).gram_backward
     diagonal = reference.gamma(n, grad, beta, scale)
-    grad_J, grad_w = apply_gamma(J, w, diagonal, needs[0], needs[1])
+    grad_J, grad_w = backend_gram_backward(J, w, diagonal, needs[0], needs[1])
     grad_beta = reference.beta_gradient(diagonal, n, beta) if needs[2] else None
     return cast_grad(grad_J, J), cast_grad(grad_w, w), cast_grad(grad_beta, beta), None, None
 

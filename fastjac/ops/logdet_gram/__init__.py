@@ -55,11 +55,11 @@ def _backward(ctx, grad_logdet, grad_m_inv):
     J, w, beta, m_inv = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable M⁻¹ makes this differentiable
         m_inv = reference.forward(J, w, beta, ctx.block_size)[1]
-        apply_gamma = gram_backward
+        backend_gram_backward = gram_backward
     else:
-        apply_gamma = _dispatch.implementation(OP, ctx.backend).gram_backward
+        backend_gram_backward = _dispatch.implementation(OP, ctx.backend).gram_backward
     grads = reference.backward(J, w, beta, m_inv, grad_logdet, grad_m_inv, ctx.needs_input_grad[:3],
-                               apply_gamma)
+                               backend_gram_backward)
     return cast_grad(grads[0], J), cast_grad(grads[1], w), cast_grad(grads[2], beta), None, None
 
 

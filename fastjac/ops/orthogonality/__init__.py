@@ -46,11 +46,11 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad, _grad_C):
     J, w, C = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable C, the reference pass
-        C, apply_gamma = gram(J, w), gram_backward
+        C, backend_gram_backward = gram(J, w), gram_backward
     else:
-        apply_gamma = _dispatch.implementation(OP, ctx.backend).gram_backward
+        backend_gram_backward = _dispatch.implementation(OP, ctx.backend).gram_backward
     needs = ctx.needs_input_grad[:2]
-    grad_J, grad_w = apply_gamma(J, w, reference.gamma(C, grad, ctx.block_size, ctx.eps), *needs)
+    grad_J, grad_w = backend_gram_backward(J, w, reference.gamma(C, grad, ctx.block_size, ctx.eps), *needs)
     return cast_grad(grad_J, J), cast_grad(grad_w, w), None, None, None
 
 
