@@ -30,19 +30,20 @@ def _ask_for_signal_on_parent_death(signum: int) -> None:
 
 class StopRequests:
     """A context in which SIGINT/SIGTERM (and, with ``watch_parent``, the parent's death) become a
-    request that :attr:`signal` reports; handlers are installed only in the main thread."""
+    request that :attr:`signal` reports; handlers are installed only in the main thread. The
+    parent's death is watched from construction on."""
 
     def __init__(self, *, watch_parent: bool = False):
         self._signal: Optional[int] = None
         self._parent = os.getppid() if watch_parent else None
         self._previous = {}
+        if watch_parent:  # from now on; until the handlers are in place, SIGTERM ends the process
+            _ask_for_signal_on_parent_death(signal.SIGTERM)
 
     def __enter__(self) -> "StopRequests":
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
-        if self._parent is not None:
-            _ask_for_signal_on_parent_death(signal.SIGTERM)
         return self
 
     def __exit__(self, *exc) -> None:

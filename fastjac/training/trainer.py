@@ -288,14 +288,15 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, torch.nn.Module]
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    stop = StopRequests(watch_parent=under_torchrun())
     ctx = distributed.setup(cfg.device, timeout_s=cfg.ddp_timeout)
     try:
-        with StopRequests(watch_parent=under_torchrun()) as stop:
-            run = _start(cfg, ctx)
-            if run.step >= cfg.steps:
-                return run.summary(already_finished=True)
+        run = _start(cfg, ctx)
+        if run.step >= cfg.steps:
+            return run.summary(already_finished=True)
+        with stop:  # signals become stop requests in the loop only: before it, Ctrl-C stops at once
             _loop(run, stop, on_step)
-            return run.summary(already_finished=False)
+        return run.summary(already_finished=False)
     finally:
         ctx.close()
         torch.set_num_threads(threads)
