@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     pub.add_argument("name")
     pub.add_argument("results_json", type=Path)
     pub.add_argument("--command", required=True)
-    pub.add_argument("--machine", required=True)
+    pub.add_argument("--machine", help="where it ran (default: this machine's CPU, cores, torch; "
+                     "add the thread count and load the run saw)")
     pub.add_argument("--wall-seconds", type=float)
     pub.add_argument("--cpu-seconds", type=float)
     pub.add_argument("--date")
@@ -213,7 +214,11 @@ def main(argv=None) -> int:
     show.add_argument("--results-dir", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
     if args.action == "publish":
-        print(publish(args.name, args.results_json, command=args.command, machine=args.machine,
+        from ..bench.results import cpu_model
+        import os
+        import torch
+        machine = args.machine or f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        print(publish(args.name, args.results_json, command=args.command, machine=machine,
                       out_dir=args.out_dir, wall_seconds=args.wall_seconds, cpu_seconds=args.cpu_seconds,
                       date=args.date))
     else:
