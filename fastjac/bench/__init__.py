@@ -3,7 +3,10 @@
 Every workload is timed beside its baseline in the same run (interleaved, medians of repeats) and
 printed as a ratio to what a user writes by hand (:mod:`fastjac.bench.baselines`): the operator
 by autograd through ``torch.linalg.cholesky``, the full Jacobian by ``vmap(jacfwd)`` or per-sample
-``torch.autograd.functional.jacobian``, or the plain autoencoder step. On CUDA each operator row also shows its floor (bytes over the measured copy
+``torch.autograd.functional.jacobian``, or the plain autoencoder step. The ``zoo`` area times
+decoder-only GRAE≈ steps on decoders users have (:mod:`fastjac.bench.zoo`: an MLP and, when
+diffusers is installed, an ``AutoencoderKL`` decoder) against the plain step and the same step
+written by hand with ``torch.func``. On CUDA each operator row also shows its floor (bytes over the measured copy
 bandwidth, flops over the measured matmul peak) and the fraction of it reached.
 
     fastjac bench [--device cpu|cuda] [--quick] [--json FILE]

@@ -7,9 +7,12 @@ its rivals fastjac's implementations. Targets (issue 8) are attached to the rows
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable, Optional
 
+import torch
+
+from . import timing
 from . import workloads as W
 
 OBJECTIVE_LABELS = {"ae": "plain AE", "beta_vae": "β-VAE", "grae_k1": "GRAE≈ k=1", "grae_k4": "GRAE≈ k=4",
@@ -53,6 +56,7 @@ class Sizes:
     # exact-GRAE groups: (model, sizes, {baseline label: speed-up fastjac must reach}); the first
     # label is the group's baseline. Per-sample reverse mode takes seconds a sample: small batches.
     exact: tuple
+    zoo: tuple = ("mlp", "autoencoder_kl")   # decoders of fastjac.bench.zoo (users' own architectures)
 
 
 CPU = Sizes(operator_shapes=((64, 784, 16),),
@@ -65,7 +69,7 @@ CPU = Sizes(operator_shapes=((64, 784, 16),),
                    ("mlp", dict(B=4, d=16, width=1.0), {"functional.jacobian": 100.0, "vmap(jacfwd)": None})))
 QUICK = Sizes(operator_shapes=((4, 32, 4),),  # a smoke run: every area, the MLP only, no per-sample baseline
               models={"mlp": dict(B=4, d=4, width=1 / 16)}, plain_cost_target=2.2,
-              exact=(("mlp", dict(B=2, d=4, width=1 / 16), {"vmap(jacfwd)": 1.3}),))
+              exact=(("mlp", dict(B=2, d=4, width=1 / 16), {"vmap(jacfwd)": 1.3}),), zoo=("mlp",))
 CUDA = Sizes(operator_shapes=((64, 784, 16), (64, 12288, 128)),
              models={"mnist": dict(B=64, d=16, width=1.0), "celeba": dict(B=64, d=128, width=1.0)},
              plain_cost_target=2.0,
@@ -124,7 +128,43 @@ def _training_groups(device, sizes: Sizes):
                     Rival(baselines[0], _step(model, "grae_exact", baselines[0], device, kw)), rivals)
 
 
-AREAS = {"operators": _operator_groups, "jacobian": _jacobian_groups, "training": _training_groups}
+ZOO_LABELS = {"plain": "plain step", "fastjac": "GRAE≈ k=1 (fastjac)", "torch.func": "GRAE≈ k=1 (torch.func by hand)"}
+
+
+def _zoo_inputs(name: str, device: str):
+    """(decoder, z, x) of zoo decoder ``name`` on ``device``; NotImplementedError when its package is missing."""
+    from . import zoo
+    dev = W.require_device(device)
+    built = zoo.DECODERS[name]()
+    if built is None:
+        raise NotImplementedError(f"zoo decoder {name!r} needs a package that is not installed")
+    decoder, z_shape, D = built
+    decoder = decoder.to(dev)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(*z_shape, generator=g).to(dev).requires_grad_()
+    x = torch.rand(z_shape[0], D, generator=g).to(dev).reshape(decoder(z).shape)
+    return decoder, z, x
+
+
+def _zoo_rival(inputs, rival: str, device: str) -> W.Workload:
+    from . import zoo
+    return W.Workload(timing.synchronised(device, zoo.STEPS[rival](*inputs())))
+
+
+def _zoo_groups(device, sizes: Sizes):
+    """Decoder-only GRAE≈ steps on decoders users have (fastjac.bench.zoo), against the plain step."""
+    for name in sizes.zoo:
+        inputs = lru_cache(maxsize=None)(partial(_zoo_inputs, name, device))  # one decoder for all rivals
+        t = sizes.plain_cost_target
+        rivals = [Rival(ZOO_LABELS["fastjac"], partial(_zoo_rival, inputs, "fastjac", device),
+                        (Target(f"≤ {t:g}× plain", at_most=t),)),
+                  Rival(ZOO_LABELS["torch.func"], partial(_zoo_rival, inputs, "torch.func", device))]
+        yield Group("zoo", f"{name} decoder-only step", Rival(ZOO_LABELS["plain"],
+                    partial(_zoo_rival, inputs, "plain", device)), rivals)
+
+
+AREAS = {"operators": _operator_groups, "jacobian": _jacobian_groups, "training": _training_groups,
+         "zoo": _zoo_groups}
 
 
 def groups(device: str, *, quick: bool, areas=tuple(AREAS)) -> list[Group]:
