@@ -181,6 +181,21 @@ def hutchinson(folder: str, tau: float = 0.05) -> str:
     return "\n".join(lines)
 
 
+def zoo(folder: str) -> str:
+    """Decoder-only GRAE≈ steps on users' decoders against the plain step (fastjac.bench.zoo)."""
+    name = "zoo_cpu.json"
+    r = results.load(os.path.join(folder, name))
+    lines = [_study_head(r, name, f"python -m fastjac.bench.zoo --out benchmarks/results/{name}")
+             + " Medians of interleaved repeats.", "",
+             "| decoder | z shape | plain step | GRAE≈ k=1, fastjac (× plain) | GRAE≈ k=1, torch.func by hand (× plain) |",
+             "|---|---|---:|---:|---:|"]
+    for row in r["rows"]:
+        plain = row["steps"]["plain"]["median_s"]
+        lines.append(f"| {row['decoder']} | {tuple(row['z_shape'])} | {1e3 * plain:.2f} ms | "
+                     f"{row['ratio']['fastjac']:.2f} | {row['ratio']['torch.func']:.2f} |")
+    return "\n".join(lines)
+
+
 def renderers() -> dict[str, Renderer]:
     """Every section name -> its renderer: the benchmark ones here and the experiments' tables."""
     out = {"bench": Renderer(bench_tables, "README.md", "benchmarks/results"),
