@@ -11,7 +11,7 @@ whether it comes from an ``nn.Module`` handed in directly, one hidden behind a l
 |---|---|---|
 | ``layer_norm`` | forward-AD formula drops the derivative of the statistics: J is right, gradients of J are 25-70 % off | decomposed (mean, rsqrt), exactly twice differentiable |
 | ``instance_norm`` (instance statistics) | same as layer_norm | decomposed |
-| ``group_norm`` | exact formulas, but channels-last input (as after attention blocks) fails with a view error under forward AD | torch's group norm on a contiguous copy |
+| ``group_norm`` | channels-last input (as after attention blocks) fails with a view error under forward AD | decomposed (one formula with layer and instance norm) |
 | ``batch_norm``, batch statistics | couples the samples (see docs/maths.md#batch-coupling); in training mode with running statistics its in-place update cannot be traced | decomposed with a ``BatchCouplingWarning``, or ``ValueError`` naming the fix |
 | ``scaled_dot_product_attention`` | the CPU flash kernel has no forward-AD formula (``NotImplementedError``) | math decomposition: softmax(QKᵀ·s + mask) V |
 | ``multi_head_attention_forward`` | a Python-level function: a ``TorchFunctionMode`` does not see the calls inside it, and with ``need_weights=False`` it calls the flash kernel above | run with ``need_weights=True`` (explicit softmax(QKᵀ) V, the same numbers); the weights are dropped when not asked for |
@@ -68,9 +68,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *_):
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *_):
-    """torch's fused group norm (its forward-AD formula is exactly twice differentiable) on a
-    contiguous copy of channels-last input, which it cannot view under forward AD."""
-    return torch.group_norm(input.contiguous(), num_groups, weight, bias, eps)
+    B = input.shape[0]
+    grouped = input.reshape(B, num_groups, -1)  # copies channels-last input: no strided view needed
+    y = _normalised(grouped, (-1,), eps, None, None).reshape(input.shape)
+    y = y if weight is None else y * _per_channel(weight, input)
+    return y if bias is None else y + _per_channel(bias, input)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

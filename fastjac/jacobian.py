@@ -209,6 +209,9 @@ def _pusher(decoder: Callable, output: Selector, flat: bool):
         return select_output(decoder(code), output)
 
     def push(z, tangents):
+        if tangents.shape[0] == 1:  # one tangent: no vmap (its batching costs more than it saves)
+            out, col = jvp(decode, (z,), (tangents[0],))
+            return out, col.unsqueeze(0)
         one = lambda tangent: jvp(decode, (z,), (tangent,))  # noqa: E731
         return vmap(one, out_dims=(None, 0), randomness="same")(tangents)
     return push
