@@ -88,7 +88,8 @@ def test_realistic_float32_problems_are_not_refused():
     for D, d, beta, scale in ((784, 16, 0.5, 1.0), (784, 16, 0.01, 0.1), (3072, 32, 0.1, 0.3)):
         J = scale * torch.randn(2, D, d, generator=g)
         assert_close("logdet", fastjac.logdet_gram(J.double(), beta), fastjac.logdet_gram(J, beta).double(), rtol=1e-4)
-        fastjac.optimal_posterior_covariance(J, beta)
+        sigma = fastjac.optimal_posterior_covariance(J, beta)
+        assert relative_error(sigma, fastjac.optimal_posterior_covariance(J.double(), beta)) <= TOLERANCE
 
 
 OVERFLOWING = {

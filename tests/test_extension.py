@@ -209,6 +209,17 @@ def test_cuda_matches_reference(d, block_size, dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_beta_by_value_or_on_the_device():
+    """β given as a number reaches the kernel by value; as a CUDA tensor, through its address."""
+    J, w, _ = operands(3, 40, 6, torch.float32, seed=2)
+    J, w = J.cuda(), w.cuda()
+    by_value = fastjac.logdet_gram(J, 0.7, weights=w, backend="cuda")
+    on_device = fastjac.logdet_gram(J, torch.tensor(0.7, device="cuda"), weights=w, backend="cuda")
+    assert torch.equal(by_value, on_device)
+    assert_close("cuda vs cpp", fastjac.logdet_gram(J.cpu(), 0.7, weights=w.cpu(), backend="cpp"), by_value.cpu())
+
+
+@pytest.mark.gpu
 def test_cuda_refuses_large_d():
     J = torch.randn(2, 10, extension.CUDA_MAX_D + 1, device="cuda")
     with pytest.raises(ValueError, match="shared memory"):
