@@ -111,7 +111,7 @@ def test_diagonal_posterior_keeps_only_the_diagonal_of_the_rotated_covariance():
 @pytest.mark.parametrize("inference", ident.INFERENCE)
 def test_batched_trials_equal_trials_run_one_by_one(inference):
     s = _setting("tanh", inference, "diagonal", n=4)
-    training = ident.Training(num_points=40, quadrature=3, seed=1)
+    training = ident.Training(num_points=40, quadrature=3, seed=1, refine_iterations=30)
     seeds = [ident.trial_seeds(1, s, t) for t in range(3)]
     batched = ident.run_trials(seeds, s, training)
     for t, pair in enumerate(seeds):
@@ -127,7 +127,7 @@ def test_trial_data_are_shared_across_settings_and_initialisations_are_not():
 
 
 def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_path, capsys):
-    argv = ["identifiability", "--quick", "--steps", "2", "--trials", "2", "--points", "16",
+    argv = ["identifiability", "--quick", "--steps", "2", "--trials", "2", "--points", "16", "--refine-iterations", "20",
             "--nonlinearities", "identity", "sigmoid", "--inference", "amortised",
             "--mixing", "gaussian"]
     assert reproduce(tmp_path, *argv) == 0
