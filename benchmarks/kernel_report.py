@@ -224,6 +224,26 @@ def summary(rows: list[dict]) -> dict:
     return dict(kernels=kernels, launches=len(rows), problems=sum(bool(problems(r)) for r in rows))
 
 
+CONFIGURATION_KEYS = ("kernel", "dtype", "constexprs", "num_warps", "num_stages", "needs_tensor_cores") + tuple(
+    f"sm_{a}" for a in ARCHS)
+
+
+def compact(rows: list[dict]):
+    """(distinct compiled configurations, launches naming theirs by index): what the JSON keeps."""
+    configurations, index, launched = [], {}, []
+    for row in rows:
+        config = {k: row[k] for k in CONFIGURATION_KEYS}
+        for arch in ARCHS:  # compile times depend on the machine and on Triton's own cache
+            config[f"sm_{arch}"] = {k: v for k, v in config[f"sm_{arch}"].items() if k != "compile_s"}
+        key = json.dumps(config, sort_keys=True)
+        if key not in index:
+            index[key] = len(configurations)
+            configurations.append(config)
+        launched.append(dict({k: v for k, v in row.items() if k not in CONFIGURATION_KEYS or k in ("kernel", "dtype")},
+                             configuration=index[key]))
+    return configurations, launched
+
+
 def load_cache() -> dict:
     try:
         return json.loads(CACHE.read_text())
@@ -234,7 +254,7 @@ def load_cache() -> dict:
 def save(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(data, sort_keys=True, separators=(",", ":")).replace('},{"', '},\n{"') + "\n")
     tmp.replace(path)
 
 
@@ -253,10 +273,11 @@ def main(argv=None) -> int:
         rows = report(TINY if args.tiny else FULL, cache)
     finally:
         save(CACHE, cache)
+    configurations, launched = compact(rows)
     result = dict(command="python benchmarks/kernel_report.py" + (" --tiny" if args.tiny else ""),
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   triton=triton.__version__, torch=torch.__version__, targets=[f"sm_{a}" for a in ARCHS],
-                  summary=summary(rows), launches=rows)
+                  summary=summary(rows), configurations=configurations, launches=launched)
     out = args.json or (None if args.tiny else OUT)
     if out is not None:
         save(out, result)

@@ -35,7 +35,8 @@ def tiny_report(tmp_path_factory):
 def test_tiny_report_has_no_spills_and_finds_tensor_cores(tiny_report):
     proc, report = tiny_report
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = report["launches"]
+    rows = report["configurations"]
+    assert all(0 <= launch["configuration"] < len(rows) for launch in report["launches"])
     kernels = {row["kernel"] for row in rows}
     assert {"_gram_kernel", "_gram_backward_kernel", "_solve_kernel", "_forward_kernel", "_backward_kernel"} <= kernels
     for row in rows:
@@ -63,10 +64,12 @@ def test_report_launches_are_the_runtime_plans(tiny_report):
     proc = _run(["-c", script], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
-    gram = [row for row in report["launches"] if row["kernel"] == "_gram_kernel" and not row["constexprs"]["DIAGONAL"]
-            and row["dtype"] == "float32"][0]
-    assert gram["grid"][1] == plan["splits"] and gram["constexprs"]["ROWS"] == plan["rows"]
-    assert gram["constexprs"]["TILE"] == plan["tile"] and gram["num_warps"] == plan["warps"]
+    configurations = report["configurations"]
+    gram = [launch for launch in report["launches"] if launch["kernel"] == "_gram_kernel" and launch["dtype"] == "float32"
+            and not configurations[launch["configuration"]]["constexprs"]["DIAGONAL"]][0]
+    config = configurations[gram["configuration"]]
+    assert gram["grid"][1] == plan["splits"] and config["constexprs"]["ROWS"] == plan["rows"]
+    assert config["constexprs"]["TILE"] == plan["tile"] and config["num_warps"] == plan["warps"]
 
 
 def test_tangent_pointer_offsets_are_int64():

@@ -91,9 +91,11 @@ def inputs(B, D, k, *, weighted, seed=0, layout="contiguous"):
     return J, w
 
 
-def check(call, J, w=None, beta=0.7, dtype=torch.float32, grads=True):
+def check(call, J, w=None, beta=0.7, dtype=torch.float32, grads=True, rtol=None):
     """call(J, beta, w, backend) by triton (``dtype`` on DEVICE) against torch in float64 on
-    the same rounded values: the output, then ∂/∂J, ∂/∂w, ∂/∂β of ⟨cotangent, output⟩."""
+    the same rounded values: the output, then ∂/∂J, ∂/∂w, ∂/∂β of ⟨cotangent, output⟩.
+    ``rtol`` replaces float32's tolerance (for ill-conditioned inputs)."""
+    tolerance = {**RTOL, **({torch.float32: rtol} if rtol else {})}
     fast = [J.to(DEVICE, dtype), None if w is None else w.to(DEVICE, dtype),
             torch.tensor(beta, dtype=torch.float32, device=DEVICE)]
     ref = [None if t is None else t.detach().cpu().double() for t in fast]
@@ -102,7 +104,7 @@ def check(call, J, w=None, beta=0.7, dtype=torch.float32, grads=True):
         t.requires_grad_(grads)
     out = call(fast[0], fast[2], fast[1], "triton")
     expected = call(ref[0], ref[2], ref[1], "torch")
-    assert_close("forward", expected, out.cpu(), rtol=RTOL[torch.float32])
+    assert_close("forward", expected, out.cpu(), rtol=tolerance[torch.float32])
     if not grads:
         return
     cotangent = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -115,7 +117,7 @@ def check(call, J, w=None, beta=0.7, dtype=torch.float32, grads=True):
             assert g is None, f"{name}: triton returned a gradient the reference does not have"
             continue
         assert g.dtype == leaf.dtype, f"{name} returned in {g.dtype}, the input is {leaf.dtype}"
-        assert_close(name, e, g.cpu(), rtol=RTOL[leaf.dtype])
+        assert_close(name, e, g.cpu(), rtol=tolerance[leaf.dtype])
 
 
 def logdet(J, beta, w, backend):
@@ -164,11 +166,26 @@ def test_logdet_large_d(schedule, d):
     check(logdet, *inputs(1, 40, d, weighted=True, seed=d))
 
 
-@settings(max_examples=6, deadline=None)
-@given(B=st.integers(1, 3), D=st.integers(1, 80), d=st.integers(1, 20), block_size=st.integers(1, 20),
+def float32_tolerance(J, w, beta, block_size):
+    """RTOL, or the float32 error estimate ε κ of docs/maths.md#numerical-error-and-tolerances
+    (ε = u(√D + d + 1), κ = ‖M⁻¹ ⊙ s sᵀ‖_F) with a factor 4 of headroom, when larger: long,
+    nearly parallel columns (D < d makes them parallel) cost float32 digits in any backend."""
+    B, D, d = J.shape
+    G = J.mT @ (J if w is None else J * w[..., None])
+    mask = (torch.arange(d)[:, None] // block_size) == (torch.arange(d)[None, :] // block_size)
+    M = torch.eye(d, dtype=J.dtype) + G * mask / beta
+    s = M.diagonal(dim1=-2, dim2=-1).sqrt()
+    kappa = torch.linalg.matrix_norm(torch.linalg.inv(M) * s[..., :, None] * s[..., None, :]).max().item()
+    return max(RTOL[torch.float32], 4 * 2 ** -24 * (D ** 0.5 + d + 1) * kappa)
+
+
+@settings(max_examples=50, deadline=None)
+@given(B=st.integers(1, 2), D=st.integers(1, 48), d=st.integers(1, 72), block_size=st.integers(1, 72),
        weighted=st.booleans())
 def test_fischer_random_shapes(B, D, d, block_size, weighted):
-    check(fischer(block_size), *inputs(B, D, d, weighted=weighted, seed=B * D * d), grads=False)
+    """Forward and every gradient, register (d <= 64) and blocked solvers, any block size."""
+    J, w = inputs(B, D, d, weighted=weighted, seed=B * D * d)
+    check(fischer(block_size), J, w, rtol=float32_tolerance(J, w, 0.7, block_size))
 
 
 def test_logdet_matches_slogdet():
