@@ -253,14 +253,17 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tmp_path):
 # --- data -----------------------------------------------------------------------------------------
 
 def test_bit_flipped_mnist_gz_names_the_file(tmp_path):
-    images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    images = np.zeros((40, 28, 28), dtype=np.uint8)  # mostly background, like MNIST: Huffman-coded
+    images[:, 8:20, 10:18] = np.random.default_rng(0).integers(0, 256, (40, 12, 8))
     raw = gzip.compress(struct.pack(">IIII", 0x803, 40, 28, 28) + images.tobytes())
     path = tmp_path / "t10k-images-idx3-ubyte.gz"
-    for position in (len(raw) // 3, len(raw) // 2, len(raw) - 6):  # deflate stream, stream, CRC
-        damaged = bytearray(raw)
+    for position, raw_error in ((12, zlib.error), (len(raw) // 2, gzip.BadGzipFile), (len(raw) - 3, OSError)):
+        damaged = bytearray(raw)  # a flip in the deflate stream's start, its middle, the length trailer
         damaged[position] ^= 0x10
+        with pytest.raises(raw_error):  # what reading it directly raises, without the path
+            gzip.decompress(bytes(damaged))
         path.write_bytes(bytes(damaged))
-        with pytest.raises(DataError, match=re.escape(str(path))):
+        with pytest.raises(DataError, match=re.escape(str(path)) + ": damaged or truncated compressed data"):
             load_dataset("mnist", data_dir=tmp_path)
 
 
