@@ -1,4 +1,7 @@
-"""User decoders as torch.func can differentiate them: wrappers removed, autocast kept to the decoder.
+"""User decoders as torch.func can differentiate them: DDP/DataParallel/torch.compile wrappers removed.
+
+Applied by :func:`fastjac.jacobian.prepared`, i.e. by every entry point that computes Jacobian
+columns (``jacobian_columns``, ``chunked.recomputed_columns`` and through them every estimator).
 
 - ``DistributedDataParallel`` / ``DataParallel``: their forward cannot run under vmap/jvp
   (DDP's output hooks fail on batched tensors and its reducer waits for the output bias,
@@ -9,21 +12,17 @@
   falls back to eager *and* marks the module's code as skipped, so it would stay uncompiled
   for the rest of the run. The JVPs use ``_orig_mod`` instead; to compile them as well,
   compile *around* the regulariser call.
-- ``torch.autocast``: the decoder runs under the caller's autocast (bf16/fp16 activations),
-  while the estimator's own arithmetic (Gram, Cholesky, CG) runs with autocast off, so it
-  accumulates in float32 instead of being cast down by autocast.
+- ``torch.autocast``: the decoder runs under the caller's autocast (bf16/fp16 activations); the
+  operators of :mod:`fastjac.ops` (Gram, Cholesky) and the observation weights run with autocast
+  off themselves, so they accumulate in float32 instead of being cast down by autocast.
 """
 from __future__ import annotations
 
 import functools
 import sys
-from contextlib import ExitStack, contextmanager
 from typing import Callable
 
-import torch
 from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def _compiled_original(decoder):
@@ -48,50 +47,3 @@ def unwrapped(decoder: Callable) -> Callable:
             decoder = original
         else:
             return decoder
-
-
-def autocast_states() -> tuple:
-    """The (device_type, dtype) pairs autocast is enabled for right now."""
-    return tuple((dev, torch.get_autocast_dtype(dev)) for dev in AUTOCAST_DEVICES
-                 if torch.is_autocast_enabled(dev))
-
-
-@contextmanager
-def _autocast(states, enabled: bool):
-    with ExitStack() as stack:
-        for dev, dtype in states:
-            stack.enter_context(torch.autocast(dev, dtype=dtype, enabled=enabled))
-        yield
-
-
-class UnderAutocast:
-    """Calls ``func`` (and its fused ``tangent_forward``, if any) under the given autocast states.
-
-    ``func`` stays visible as ``.func`` (like functools.partial), so checks that look for the
-    decoder's modules (BatchNorm) still find them.
-    """
-
-    def __init__(self, func: Callable, states):
-        self.func, self.states = func, states
-        fused = getattr(func, "tangent_forward", None)
-        if callable(fused):
-            self.tangent_forward = functools.partial(self._call, fused)
-
-    def _call(self, fn, *args, **kwargs):
-        with _autocast(self.states, True):
-            return fn(*args, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        return self._call(self.func, *args, **kwargs)
-
-
-@contextmanager
-def estimator_precision(decoder: Callable):
-    """Yield the decoder to differentiate; inside the block autocast is off except in that decoder."""
-    decoder = unwrapped(decoder)
-    states = autocast_states()
-    if not states:
-        yield decoder
-        return
-    with _autocast(states, False):
-        yield UnderAutocast(decoder, states)

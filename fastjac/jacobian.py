@@ -152,14 +152,13 @@ def column_directions(columns, directions, B: int, d: int, like: Tensor) -> Tens
         columns = columns.unsqueeze(0).expand(B, -1)
     if columns.dim() != 2 or columns.shape[0] != B or columns.shape[1] < 1:
         raise ValueError(f"columns must have shape (k,) or (B, k) with B = {B}, got {tuple(columns.shape)}")
-    if check.values_checked() and not bool(((columns >= 0) & (columns < d)).all()):
-        raise ValueError(f"columns must lie in [0, d) = [0, {d})")
+    check.condition("columns", (columns >= 0) & (columns < d), f"columns must lie in [0, d) = [0, {d})")
     return eye[columns.to(like.device).long()].mT  # (B, d, k)
 
 
 def _modules(decoder) -> list:
     """The nn.Modules a decoder callable is made of, as far as they can be seen."""
-    while hasattr(decoder, "func") and callable(decoder.func):  # functools.partial, UnderAutocast
+    while hasattr(decoder, "func") and callable(decoder.func):  # functools.partial
         decoder = decoder.func
     owner = getattr(decoder, "__self__", decoder)  # bound method
     return list(owner.modules()) if isinstance(owner, nn.Module) else []
@@ -199,11 +198,8 @@ def _pusher(decoder: Callable, output: Selector, flat: bool):
     fused = getattr(decoder, "tangent_forward", None)
     if output is None and flat and callable(fused):
         return _plain_ops(fused)
-    under_autocast = isinstance(decoder, _decoders.UnderAutocast)
-    inner = decoder.func if under_autocast else decoder
-    if output is None and stacked.supports(inner):
-        push = functools.partial(stacked.push, inner)
-        return _plain_ops(functools.partial(decoder._call, push) if under_autocast else push)
+    if output is None and stacked.supports(decoder):
+        return _plain_ops(functools.partial(stacked.push, decoder))
 
     def decode(code):
         return select_output(decoder(code), output)
@@ -360,8 +356,9 @@ def jacobian_columns(decoder: Callable, z: Tensor, columns: Optional[Tensor] = N
         torch.Size([2, 5, 3])
     """
     decoder = prepared(decoder)
-    B, d = checked_codes(z)
-    if chunk_size is not None:
-        check.positive_int("chunk_size", chunk_size)
-    dirs = column_directions(columns, directions, B, d, z)
-    return columns_along(decoder, z, dirs, chunk_size=chunk_size, output=output)
+    with check.deferred():  # one host sync for all value checks (joins a caller's block)
+        B, d = checked_codes(z)
+        if chunk_size is not None:
+            check.positive_int("chunk_size", chunk_size)
+        dirs = column_directions(columns, directions, B, d, z)
+        return columns_along(decoder, z, dirs, chunk_size=chunk_size, output=output)
