@@ -3,6 +3,7 @@ raised forward-AD "no level exists" errors and returned 0.0 without a graph). to
 forward-AD levels are process-wide; fastjac.jacobian.FORWARD_AD_LOCK serialises the tangent pass."""
 import threading
 
+import pytest
 import torch
 
 import fastjac
@@ -12,11 +13,13 @@ from utils import assert_close, mlp_decoder
 THREADS, CALLS = 4, 60
 
 
-def test_concurrent_regularizer_calls_give_the_sequential_result_with_a_graph():
-    dec = mlp_decoder(4, 12, hidden=16)
+@pytest.mark.parametrize("path", ["torch.func", "stacked"])
+def test_concurrent_regularizer_calls_give_the_sequential_result_with_a_graph(path):
+    seq = mlp_decoder(4, 12, hidden=16)
+    dec = seq if path == "stacked" else (lambda v: seq(v))  # a lambda hides the Sequential: forward AD
     z = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     want = fastjac.jacobian_regularizer(dec, z, 0.5, estimator="exact")
-    want_grad = torch.autograd.grad(want, next(dec.parameters()))[0]
+    want_grad = torch.autograd.grad(want, next(seq.parameters()))[0]
     results, errors = [], []
     start = threading.Barrier(THREADS)
 
@@ -25,7 +28,7 @@ def test_concurrent_regularizer_calls_give_the_sequential_result_with_a_graph():
         for _ in range(CALLS):
             try:
                 value = fastjac.jacobian_regularizer(dec, z, 0.5, estimator="exact")
-                grad = torch.autograd.grad(value, next(dec.parameters()))[0]
+                grad = torch.autograd.grad(value, next(seq.parameters()))[0]
                 results.append((value.detach(), value.grad_fn is not None, grad))
             except Exception as error:  # noqa: BLE001 - every failure is collected and reported
                 errors.append(repr(error))
