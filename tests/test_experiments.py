@@ -290,6 +290,8 @@ def test_structure_checkpoints_resume_one_run_and_refine_the_encoder_only(tmp_pa
                           "beta=0.2/d=4/b=2/steps=5+encoder3"]
     assert runs["beta=0.2/d=4/b=2/steps=5+encoder3"]["encoder_steps"] == 3
     assert runs["beta=0.2/d=4/b=2/steps=2"] != runs["beta=0.2/d=4/b=2/steps=5"]
+    assert reproduce(tmp_path, *argv) == 0                     # rerun: the run is past step 2, no error
+    assert read_results(tmp_path)["runs"] == runs
     # the refined model's decoder is the trained one, bit for bit; its encoder moved
     from fastjac.models import make_autoencoder
     torch.manual_seed(0)

@@ -22,6 +22,8 @@ from ..jacobian import jacobian_columns
 from ..objectives import beta_vae_terms
 from ..models import block_mask
 from ..observations import observation_weights
+from ..training import load_checkpoint
+from ..training.trainer import CHECKPOINT
 from . import common, lbfgs, plotting
 from .fit import fit
 from .results import Results, log
@@ -170,16 +172,19 @@ def _measure_model(args, results, grid, model_cfg, data, test, spec) -> tuple:
     """Train one (β, d, b) model through its checkpoints (one resumed run), measure each, and the
     refined encoder at the last; returns what the figure shows (the last measurement)."""
     beta, d, b = spec
-    shown = None
+    name = f"structure-beta{beta:g}-d{d}-b{b}"
+    done = _trained_steps(args.out / "models" / name)
     for steps in grid["checkpoints"]:
         key = f"beta={beta:g}/d={d}/b={b}/steps={steps}"
+        if steps != grid["checkpoints"][-1] and (key in results or steps < done):
+            log(f"{key}: " + ("done already, skipped" if key in results else f"not measured (the run is at {done})"))
+            continue
         model, fitted = common.trained_autoencoder(
-            "beta-vae", dict(model_cfg, train_steps=steps), data.shape, out=args.out,
-            name=f"structure-beta{beta:g}-d{d}-b{b}", device=args.device, latent_dim=d, beta=beta, block_size=b)
-        m = measure(model.cpu().double(), test, b)
-        shown = m
+            "beta-vae", dict(model_cfg, train_steps=steps), data.shape, out=args.out, name=name,
+            device=args.device, latent_dim=d, beta=beta, block_size=b)
+        shown = measure(model.cpu().double(), test, b)
         if key not in results:
-            results.put(key, _record(m, beta, d, b, steps, fitted))
+            results.put(key, _record(shown, beta, d, b, steps, fitted))
         _log_record(key, results[key])
     if grid["refine_encoder"]:
         key = f"beta={beta:g}/d={d}/b={b}/steps={steps}+encoder{grid['refine_encoder']}"
@@ -199,6 +204,12 @@ def _measure_model(args, results, grid, model_cfg, data, test, spec) -> tuple:
             results.put(key, _record(m, beta, d, b, steps, None) | {"optimal_draws": grid["optimal_posterior_draws"]})
         _log_record(key, results[key])
     return shown
+
+
+def _trained_steps(run_dir) -> int:
+    """The step of a model run's checkpoint (0 if none): checkpoints before it cannot be measured."""
+    path = run_dir / CHECKPOINT
+    return int(load_checkpoint(path)["step"]) if path.is_file() else 0
 
 
 def _log_record(key: str, rec: dict) -> None:
