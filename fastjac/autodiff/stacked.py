@@ -87,18 +87,25 @@ def supports(decoder) -> bool:
     return all(supports(m) if type(m) is nn.Sequential else _layer_supported(m) for m in decoder)
 
 
-def _bias_on_primal(m: nn.Module, Y: Tensor, B: int) -> Tensor:
-    if m.bias is not None:
-        Y[:B] += m.bias.reshape((-1,) + (1,) * (Y.dim() - 2))
-    return Y
+def _channel_shaped(bias, X: Tensor):
+    return None if bias is None else bias.reshape((-1,) + (1,) * (X.dim() - 2))
+
+
+def _with_bias(X: Tensor, bias, B: int) -> Tensor:
+    """Add ``bias`` to the primal rows only (a new tensor: no in-place write, whose backward copies)."""
+    if bias is None:
+        return X
+    P, T = X.split([B, X.shape[0] - B])
+    return torch.cat([P + bias, T])
 
 
 _TRANSPOSED = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
                nn.ConvTranspose3d: F.conv_transpose3d}
 
 
-def _linear(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
-    """The layer without its bias on the whole stack (the module is not modified), then the bias."""
+def _linear(m: nn.Module, X: Tensor) -> tuple:
+    """(the layer without its bias on the whole stack, the bias still to add to the primal rows);
+    the module is not modified."""
     if isinstance(m, nn.Linear):
         Y = F.linear(X, m.weight)
     elif isinstance(m, nn.modules.conv._ConvTransposeNd):
@@ -106,7 +113,7 @@ def _linear(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
         Y = conv(X, m.weight, None, m.stride, m.padding, m.output_padding, m.groups, m.dilation)
     else:
         Y = m._conv_forward(X, m.weight, None)  # handles the padding modes
-    return _bias_on_primal(m, Y, B)
+    return Y, _channel_shaped(m.bias, Y)
 
 
 def _batch_norm(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
@@ -117,26 +124,18 @@ def _batch_norm(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
     return torch.cat([primal, T * scale.reshape((-1,) + (1,) * (X.dim() - 2))])
 
 
-def _activation(m: nn.Module, X: Tensor, B: int, k: int) -> Tensor:
+def _activation(m: nn.Module, X: Tensor, B: int, k: int, bias=None) -> Tensor:
+    """σ on the primal rows (after the pending bias of the layer before), σ′(p) ⊙ t on the rest."""
     sigma, tangent = ACTIVATIONS[type(m)]
     if tangent is None:
-        return X
+        return _with_bias(X, bias, B)
     p, T = X.split([B, k * B])
+    p = p if bias is None else p + bias
     y = sigma(m, p)
     if k == 1:
         return torch.cat([y, tangent(m, T, p, y)])
     p_k, y_k = (a.repeat((k,) + (1,) * (a.dim() - 1)) for a in (p, y))
     return torch.cat([y, tangent(m, T, p_k, y_k)])
-
-
-def _layer_rule(m: nn.Module) -> Callable:
-    if isinstance(m, LINEAR):
-        return _linear
-    if isinstance(m, BATCHNORM):
-        return _batch_norm
-    if type(m) in ACTIVATIONS:
-        return _activation
-    return lambda m, X, B, k: m(X)
 
 
 def _leaves(decoder: nn.Sequential):
@@ -145,10 +144,23 @@ def _leaves(decoder: nn.Sequential):
 
 
 def push(decoder: nn.Sequential, z: Tensor, tangents: Tensor):
-    """(out (B, *out), tangent outputs (k, B, *out)) for z (B, *latent), tangents (k, B, *latent)."""
+    """(out (B, *out), tangent outputs (k, B, *out)) for z (B, *latent), tangents (k, B, *latent).
+
+    A linear layer's bias is added by the activation right after it (to its input rows), or on
+    its own before any other layer: no copy of the stack for it."""
     k, B = tangents.shape[:2]
     X = torch.cat([z.unsqueeze(0), tangents.to(z.dtype)]).reshape((k + 1) * B, *z.shape[1:])
+    bias = None
     for m in _leaves(decoder):
-        X = _layer_rule(m)(m, X, B, k)
-    out, T = X.split([B, k * B])
+        if type(m) in ACTIVATIONS:
+            X, bias = _activation(m, X, B, k, bias), None
+            continue
+        X, bias = _with_bias(X, bias, B), None
+        if isinstance(m, LINEAR):
+            X, bias = _linear(m, X)
+        elif isinstance(m, BATCHNORM):
+            X = _batch_norm(m, X, B, k)
+        else:
+            X = m(X)
+    out, T = _with_bias(X, bias, B).split([B, k * B])
     return out, T.reshape(k, B, *X.shape[1:])

@@ -17,7 +17,9 @@ One *decoder-only step* per rival, timed interleaved in the same run (:mod:`fast
       grads = torch.autograd.grad(loss, [z, *params])
 
 The ratios (step / plain step) are what the README and issue 14 quote. Run:
-``python -m fastjac.bench.zoo --out benchmarks/results/zoo_cpu.json`` (``--quick`` for a smoke run).
+``python -m fastjac.bench.zoo --breakdown --out benchmarks/results/zoo_cpu.json`` (``--quick`` for a
+smoke run); ``--breakdown`` adds where each step's time goes (GEMM/convolution, fastjac's operators,
+the rest) from the profiler.
 """
 from __future__ import annotations
 
@@ -118,6 +120,41 @@ def measure(name: str, *, repeats: int = 15, min_sample_s: float = 0.2) -> Optio
             "ratio": {rival: row["median_s"] / base for rival, row in rows.items()}}
 
 
+CATEGORIES = (("GEMM / convolution", ("mm", "addmm", "bmm", "baddbmm", "conv", "mkldnn", "linear", "matmul")),
+              ("fastjac operators", ("fastjac", "column_estimate", "logdet_gram")))
+
+
+def _category(op_name: str) -> str:
+    for label, keys in CATEGORIES:
+        if any(key in op_name for key in keys):
+            return label
+    return "elementwise, copies, other"
+
+
+def breakdown(name: str, *, steps: int = 5) -> Optional[dict]:
+    """Where each rival's step time goes on decoder ``name``: milliseconds per step by category
+    (profiler self CPU time; the profiler's overhead inflates small ops alike for every rival)."""
+    built = DECODERS[name]()
+    if built is None:
+        return None
+    decoder, z_shape, D = built
+    z = torch.randn(*z_shape).requires_grad_()
+    x = torch.rand(z_shape[0], D).reshape(decoder(z).shape)
+    table = {}
+    for rival, make in STEPS.items():
+        step = make(decoder, z, x)
+        step()
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                step()
+        parts: dict = {}
+        for event in prof.key_averages():
+            key = _category(event.key)
+            parts[key] = parts.get(key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+        table[rival] = parts
+    return {"decoder": name, "ms_per_step": table}
+
+
 def run(names=None, *, repeats: int = 15, min_sample_s: float = 0.2, threads: int = 1) -> list[dict]:
     """Every decoder's rows (decoders whose package is missing are left out)."""
     torch.set_num_threads(threads)
@@ -141,14 +178,22 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="3 repeats, short samples (a smoke run)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--breakdown", action="store_true", help="also: where each step's time goes (profiler)")
     args = parser.parse_args(argv)
     repeats, min_sample_s = (3, 0.0) if args.quick else (args.repeats, 0.2)
     rows = run(args.decoders, repeats=repeats, min_sample_s=min_sample_s, threads=args.threads)
     print(format_rows(rows))
+    parts = [b for b in (breakdown(row["decoder"]) for row in rows) if b] if args.breakdown else []
+    for part in parts:
+        print(f"\n{part['decoder']}: ms per step (profiler self time)")
+        for rival, cats in part["ms_per_step"].items():
+            print(f"  {rival:<11}" + "".join(f"  {k}: {v:7.2f}" for k, v in sorted(cats.items())))
     if args.out:
         result = results.record("fastjac.bench.zoo", program="python -m fastjac.bench.zoo", argv=argv,
                                 settings={"repeats": repeats, "threads": args.threads, "beta": BETA})
         result["rows"] = rows
+        if parts:
+            result["breakdown"] = parts
         results.write_json(result, args.out)
     return 0
 
