@@ -4,9 +4,10 @@ Every benchmark times fastjac against these (and reports ratios to them); they a
 reference implementation fastjac is tested against (that is ``fastjac.ops.<op>.reference``), only
 the code fastjac has to beat. The tests check that they compute the same values.
 
-Operators on J (B, D, k), β a number (half-precision J is cast to float32 first, as
-``torch.linalg.cholesky`` needs):
-    logdet_gram      Cholesky of I + JᵀJ/β through ``torch.linalg.cholesky`` (autograd backward)
+Operators on J (B, D, k), β a number (half-precision J is cast to float32 first, as the
+Cholesky factorisation needs):
+    logdet_gram      Cholesky of I + JᵀJ/β through ``torch.linalg.cholesky_ex`` (autograd backward; the
+                     ``_ex`` form, as a careful user writes it, does not wait for the device to check)
     hadamard_bound   Σ_j log1p(‖J e_j‖²/β)
     column_estimate  the same over the k drawn columns, scaled by d/k
     orthogonality    mean cos² over column pairs i < j
@@ -31,7 +32,7 @@ def logdet_gram(J: Tensor, beta: float) -> Tensor:
     J = _working(J)
     d = J.shape[-1]
     M = torch.eye(d, dtype=J.dtype, device=J.device) + torch.bmm(J.mT, J) / beta
-    L = torch.linalg.cholesky(M)
+    L = torch.linalg.cholesky_ex(M)[0]
     return 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
 
