@@ -145,6 +145,11 @@ def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_pa
     assert reproduce(tmp_path, *argv) == 0                       # resume: nothing is redone
     assert capsys.readouterr().out.count("done already, skipped") == 4
     assert read_results(tmp_path)["runs"] == doc["runs"]
+    del doc["runs"]["sigmoid/amortised/full/n=2"]                # an interrupted grid:
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    assert reproduce(tmp_path, *argv, "--summarise-only") == 0   # summarised, nothing trained
+    assert "sigmoid/amortised/full/n=2" not in read_results(tmp_path)["runs"]
+    assert len(read_results(tmp_path)["summary"]) == 3
     assert reproduce(tmp_path, *argv[:-1], "orthogonal") == 2    # other settings: refused
 
 

@@ -327,6 +327,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--refine-iterations", type=int, default=3000,
                         help="the most L-BFGS steps per trial")
     parser.add_argument("--quadrature", type=int, default=3, help="Gauss–Hermite points per latent axis")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="train nothing: summarise and plot the settings already in --out (e.g. of an "
+                             "interrupted grid)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="the summary's near-best runs: ELBO within this many nats/point of the "
                              "best run (any Σ) on the same data set")
@@ -480,6 +483,8 @@ def run(args) -> int:
     log(f"identifiability: {len(settings)} settings, {training.num_points} points, mixing "
         f"{training.mixing}, {training.optimizer} lr {training.lr} ÷10 every n steps for "
         f"{training.stages}n steps, then {training.refine} → {args.out}")
+    if args.summarise_only:
+        settings = [s for s in settings if s.key in results]
     for i, s in enumerate(settings, 1):
         if s.key in results:
             log(f"[{i}/{len(settings)}] {s.key}: done already, skipped")

@@ -133,7 +133,22 @@ def identifiability_grid(results_dir: Path) -> str:
     if not docs:
         raise FileNotFoundError(f"none of {GRID} in {results_dir}")
     rows = [row for d in docs for row in _identifiability_rows(d, True)]
-    return _section(docs, _table(["W"] + IDENTIFIABILITY_HEADER, rows))
+    notes = [_unfinished(d) for d in docs if _unfinished(d)]
+    table = _table(["W"] + IDENTIFIABILITY_HEADER, rows)
+    return _section(docs, table + ("\n\n" + " ".join(notes) if notes else ""))
+
+
+def _unfinished(doc: dict) -> str:
+    """A note when a grid stopped before all its settings ran (what is missing)."""
+    grid = doc["config"]["grid"]
+    wanted = [f"{nu}/{inf}/{cov}/n={n}" for nu in grid["nonlinearities"] for inf in grid["inference"]
+              for cov in grid["covariances"] for n in grid["steps"]]
+    missing = [k for k in wanted if k not in doc["runs"]]
+    if not missing:
+        return ""
+    mixing = doc["config"]["training"]["mixing"]
+    return (f"*Unfinished*: the {mixing}-W {'/'.join(grid['inference'])} grid ran {len(wanted) - len(missing)} "
+            f"of its {len(wanted)} settings before the time ran out (missing: {', '.join(missing)}).")
 
 
 def _structure_rows(doc: dict, label: str) -> list[list[str]]:
