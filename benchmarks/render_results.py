@@ -3,6 +3,7 @@
     python benchmarks/render_results.py            # rewrite the generated sections in place
     python benchmarks/render_results.py --check    # exit 1 if a section is stale, missing or unknown,
                                                    # or a results file it is made from is missing
+    python benchmarks/render_results.py --only README.md   # one document (and its renderers) only
 
 A generated section is the text between ``<!-- generated:NAME -->`` and ``<!-- /generated:NAME -->``;
 nothing outside those markers is touched. Each NAME has one renderer, a function of a results
@@ -261,11 +262,14 @@ def _missing_sections(root: str, texts: dict[str, str], table: dict[str, Rendere
     return problems
 
 
-def check_and_render(root: str = ROOT, table=None) -> tuple[dict[str, str], list[str]]:
-    """({path: new text} for every document whose sections changed, problems)."""
+def check_and_render(root: str = ROOT, table=None, only=None) -> tuple[dict[str, str], list[str]]:
+    """({path: new text} for every document whose sections changed, problems); ``only``: these
+    documents (paths relative to the root) and the renderers whose home they are."""
     table = renderers() if table is None else table
+    if only is not None:
+        table = {name: r for name, r in table.items() if r.home in only}
     texts, changed, problems = {}, {}, []
-    for path in documents(root):
+    for path in documents(root) if only is None else [p for p in documents(root) if p in only]:
         with open(os.path.join(root, path), encoding="utf-8") as f:
             texts[path] = f.read()
         new, found = render_text(texts[path], path, root, table)
@@ -288,8 +292,10 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="change nothing; exit 1 if a generated section is stale, missing or unknown")
     parser.add_argument("--root", default=ROOT, help="the checkout (default: this one)")
+    parser.add_argument("--only", nargs="+", metavar="DOC",
+                        help="only these documents, e.g. README.md docs/reproduction.md (default: all)")
     args = parser.parse_args(argv)
-    changed, problems = check_and_render(args.root)
+    changed, problems = check_and_render(args.root, only=args.only)
     for p in problems:
         print(f"render_results: {p}", file=sys.stderr)
     if args.check:

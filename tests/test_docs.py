@@ -244,3 +244,12 @@ def test_no_file_mentions_the_internal_specification():
             if re.search(rf"\b{INTERNAL}\b", re.sub(rf"([\"']){INTERNAL}\1", "", line)):
                 hits.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()[:100]}")
     assert not hits, "users do not have that document; link docs/maths.md instead:\n" + "\n".join(hits)
+
+
+def test_only_restricts_the_documents_and_their_renderers(checkout):
+    rr, root, table = checkout
+    (root / "docs" / "other.md").write_text("<!-- generated:nobody -->\n<!-- /generated:nobody -->\n")
+    changed, problems = rr.check_and_render(str(root), table, only=["README.md"])
+    assert list(changed) == ["README.md"] and problems == []
+    changed, problems = rr.check_and_render(str(root), table, only=["docs/other.md"])
+    assert changed == {} and problems == ["docs/other.md: no renderer for section 'nobody'"]
