@@ -295,6 +295,20 @@ def gram(J: torch.Tensor, w: Optional[torch.Tensor], *, diagonal: bool = False,
 
 # ---- ∂R/∂J = 2 W J Γ, ∂R/∂w_r = J_r Γ J_rᵀ ----------------------------------------------------
 @triton.jit
+def _rows_times_gamma(Jb, Gb, rows, rmask, cj, k, s_r, s_c, MODE: tl.constexpr, ROWS: tl.constexpr,
+                      TILE: tl.constexpr):
+    """(J Γ)[rows, cj] in fp32: J (ROWS × k) times the columns cj of Γ (k × k)."""
+    acc = tl.zeros((ROWS, TILE), tl.float32)
+    for i0 in range(0, k, TILE):
+        ci = i0 + tl.arange(0, TILE)
+        a_i = tl.load(Jb + rows[:, None] * s_r + ci[None, :] * s_c,
+                      mask=rmask[:, None] & (ci[None, :] < k), other=0.0)
+        g = tl.load(Gb + ci[:, None] * k + cj[None, :], mask=(ci[:, None] < k) & (cj[None, :] < k), other=0.0)
+        acc = mma(a_i, g, acc, MODE)
+    return acc
+
+
+@triton.jit
 def _gram_backward_kernel(J, w, Gamma, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
                           s_gb, s_gr, s_gc,
                           HAS_W: tl.constexpr, WRITE_J: tl.constexpr, WRITE_W: tl.constexpr,
@@ -316,14 +330,7 @@ def _gram_backward_kernel(J, w, Gamma, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
         if DIAGONAL:
             acc = a_j.to(tl.float32) * tl.load(Gamma + b * k + cj, mask=cj < k, other=0.0)[None, :]
         else:
-            acc = tl.zeros((ROWS, TILE), tl.float32)
-            for i0 in range(0, k, TILE):
-                ci = i0 + tl.arange(0, TILE)
-                a_i = tl.load(Jb + rows[:, None] * s_r + ci[None, :] * s_c,
-                              mask=rmask[:, None] & (ci[None, :] < k), other=0.0)
-                g = tl.load(Gamma + b * k * k + ci[:, None] * k + cj[None, :],
-                            mask=(ci[:, None] < k) & (cj[None, :] < k), other=0.0)
-                acc = mma(a_i, g, acc, MODE)
+            acc = _rows_times_gamma(Jb, Gamma + b * k * k, rows, rmask, cj, k, s_r, s_c, MODE, ROWS, TILE)
         if WRITE_W:
             quad += tl.sum(acc * a_j.to(tl.float32), axis=1)
         if WRITE_J:

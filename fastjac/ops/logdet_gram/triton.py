@@ -73,8 +73,8 @@ def _tile(Mb, k, I, Jt, NB: tl.constexpr):
 
 
 @triton.jit
-def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
-    """Write M⁻¹ to Mb by block Gauss–Jordan on NB × NB tiles, in place; returns log det M."""
+def _write_matrix(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Mb <- M = I + mask ⊙ G/β, tile by tile."""
     idx = tl.arange(0, NB)
     for I in range(BLOCKS):
         for Jt in range(BLOCKS):
@@ -82,6 +82,13 @@ def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.c
             tl.store(ptr, _scaled(_g_tile(Gb, k, I * NB + idx, Jt * NB + idx),
                                   I * NB + idx, Jt * NB + idx, k, beta, block_size), mask=mask)
     tl.debug_barrier()
+
+
+@triton.jit
+def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Write M⁻¹ to Mb by block Gauss–Jordan on NB × NB tiles, in place; returns log det M."""
+    _write_matrix(Gb, Mb, k, beta, block_size, NB, BLOCKS)
+    idx = tl.arange(0, NB)
     zero = tl.zeros((NB, NB), tl.float32)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
     logdet = 0.0
