@@ -377,25 +377,7 @@ def _gram_backward(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tens
 
 # Backward formulas run under AOT autograd's tracing (torch.compile, opcheck), which cannot
 # see into a raw kernel launch (and wrap_triton does not trace under the interpreter), so the
-# kernels backward passes use are opaque custom ops with fake implementations.
-@torch.library.custom_op("fastjac::triton_gram", mutates_args=())
-def _gram_op(J: torch.Tensor, w: Optional[torch.Tensor], diagonal: bool) -> torch.Tensor:
-    return gram(J, w, diagonal=diagonal)
-
-
-@_gram_op.register_fake
-def _(J, w, diagonal):
-    B, _, k = J.shape
-    return J.new_empty((B, k) if diagonal else (B, k, k), dtype=torch.float32)
-
-
-def gram_op(J: torch.Tensor, w: Optional[torch.Tensor], diagonal: bool) -> torch.Tensor:
-    """:func:`gram` as a custom op (the kernel itself while :func:`capturing`)."""
-    if _capture is not None:
-        return gram(J, w, diagonal=diagonal)
-    return torch.ops.fastjac.triton_gram(J, w, diagonal)
-
-
+# backward kernel is an opaque custom op with a fake implementation.
 @torch.library.custom_op("fastjac::triton_gram_backward", mutates_args=())
 def _gram_backward_op(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
                       need_J: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
