@@ -36,8 +36,9 @@ def positive_int(text: str) -> int:
 
 
 def _parser():
-    parser = argparse.ArgumentParser(prog="fastjac", description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", dest="global_threads", type=positive_int, default=None,
+    parser = argparse.ArgumentParser(prog="fastjac", description="Jacobian-regularised autoencoders: "
+                                     "train, reproduce the paper, benchmark")
+    parser.add_argument("--threads", dest="global_threads", metavar="N", type=positive_int, default=None,
                         help="CPU threads for torch, for any command (default: the idle cores, at most 4; "
                              "1 per process under torchrun)")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -368,7 +368,7 @@ def _loop(run: _Run, stop: StopRequests, on_step) -> None:
             _record(run, held_out, progress, checkpoint=stopping)
             if on_step is not None:
                 on_step(run.step, run.model)
-            if stopping:
+            if stopping and run.step < cfg.steps:
                 raise _interrupted(run, stop.signal or signal.SIGTERM)
 
 
