@@ -46,23 +46,30 @@ def off_block_pairs(d: int, block_size: int, device) -> Tensor:
     return make(d, block_size, torch.device(device))
 
 
-def _block_directions(blocks: Tensor, b: int, eye: Tensor) -> Tensor:
+def _unit_directions(cols: Tensor, d: int, like: Tensor, keep: Tensor | None = None) -> Tensor:
+    """(B, n) column indices -> (B, d, n) unit directions e_cols (zero where ``keep`` is false)."""
+    B, n = cols.shape
+    ones = torch.ones(B, 1, n, dtype=like.dtype, device=like.device) if keep is None else \
+        keep.to(like.dtype).unsqueeze(1)
+    return torch.zeros(B, d, n, dtype=like.dtype, device=like.device).scatter_(1, cols.unsqueeze(1), ones)
+
+
+def _block_directions(blocks: Tensor, b: int, d: int, like: Tensor) -> Tensor:
     """(B, k) drawn block ids -> (B, d, k·b) unit directions of their columns (a short last block
     gets zero directions past d, which add log det 1 = 0)."""
-    d = eye.shape[0]
-    cols = blocks.unsqueeze(-1) * b + torch.arange(b, device=blocks.device)   # (B, k, b)
-    valid = cols < d
     B, k = blocks.shape
-    return (eye[cols.clamp_max(d - 1)] * valid.unsqueeze(-1)).reshape(B, k * b, d).mT
+    cols = (blocks.unsqueeze(-1) * b + torch.arange(b, device=blocks.device)).reshape(B, k * b)
+    if d % b == 0:
+        return _unit_directions(cols, d, like)
+    return _unit_directions(cols.clamp_max(d - 1), d, like, keep=cols < d)
 
 
-def _pair_directions(B: int, b: int, z: Tensor, generator, eye: Tensor) -> Tensor:
+def _pair_directions(B: int, b: int, d: int, z: Tensor, generator) -> Tensor:
     """(B, d, 2): one off-block column pair per sample, drawn uniformly."""
-    d = eye.shape[0]
     pairs = off_block_pairs(d, b, z.device)  # read-only: shared between calls
     if len(pairs) == 0:
         raise ValueError(f"orthogonality_weight > 0 needs two blocks: block_size {b} >= d = {d}")
-    return eye[pairs[draw(len(pairs), (B,), z, generator)]].mT
+    return _unit_directions(pairs[draw(len(pairs), (B,), z, generator)], d, z)
 
 
 def _check_draws(k: int, b: int, d: int, blocks: int) -> None:
@@ -79,10 +86,9 @@ def stochastic(decoder, z, beta, obs, x, s: Settings) -> Estimate:
     b, k = min(s.block_size, d), s.num_columns
     blocks = -(-d // b)
     _check_draws(k, b, d, blocks)
-    eye = torch.eye(d, dtype=z.dtype, device=z.device)
-    directions = _block_directions(draw(blocks, (B, k), z, s.generator), b, eye)
+    directions = _block_directions(draw(blocks, (B, k), z, s.generator), b, d, z)
     if s.orthogonality_weight != 0:
-        directions = torch.cat([directions, _pair_directions(B, b, z, s.generator, eye)], -1)
+        directions = torch.cat([directions, _pair_directions(B, b, d, z, s.generator)], -1)
     out, J = jacobian_columns(decoder, z, directions=directions, chunk_size=s.chunk_size, output=s.output)
     check_output(out)
     w = observation_weights(obs, out, x)
