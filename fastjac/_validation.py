@@ -88,7 +88,10 @@ def deferred():
         yield
     except Exception as error:
         _local.pending = None
-        message = pending.first_failure()
+        try:
+            message = pending.first_failure()
+        except Exception:  # the device is in an error state: the original error says more
+            message = None
         if message is not None:
             raise ValueError(message) from error
         raise
