@@ -171,3 +171,28 @@ def test_each_input_is_checked_finite_once_per_call(estimator):
     assert seen.shapes.count((B, d)) == 1, seen.shapes            # z
     assert seen.shapes.count((B, D, k)) == 1, seen.shapes         # J (or the drawn columns)
     assert seen.shapes.count((B, D)) == 2, seen.shapes            # x and the decoder output
+
+
+def test_deferred_check_api():
+    """condition/finite act at once outside a deferred block, record inside it (nested blocks join
+    the outer one, one sync at its end), and do nothing with checks off."""
+    from fastjac import _validation as check
+    nan = torch.tensor([1.0, float("nan")])
+    with pytest.raises(ValueError, match="^a contains non-finite"):
+        check.finite("a", nan)
+    with pytest.raises(ValueError, match="^b bad$"):
+        check.condition("b", torch.tensor([True, False]), "b bad")
+    with HostSyncs() as syncs, pytest.raises(ValueError, match="^second$"):
+        with check.deferred():
+            check.condition("first", torch.tensor(True), "first")
+            with check.deferred():
+                check.condition("second", torch.tensor(False), "second")
+                check.finite("third", nan)
+            assert syncs.count == 0  # nothing read yet: the inner block joined the outer one
+    assert syncs.count == 1
+    with fastjac.checks(False), HostSyncs() as off:
+        check.finite("a", nan)
+        check.condition("b", torch.tensor(False), "b bad")
+    assert off.count == 0
+    with pytest.raises(ValueError, match="python bools"):
+        check.condition("c", False, "python bools raise at once")
