@@ -20,6 +20,7 @@ from torch import Tensor
 
 ARMIJO = 1e-4
 MAX_HALVINGS = 40
+RESOLUTION = 1e-12  # a row stops when a step lowers f by less than this, relative to max(1, |f|)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -70,8 +71,9 @@ def minimise(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tenso
         value_and_grad: x (T, P) -> (f (T,), ∂f/∂x (T, P)); row t of f depends on row t of x only.
             Non-finite values count as +inf (a step into them is rejected).
         iterations: the most quasi-Newton steps.
-        tolerance: a row stops once its gradient's largest entry is below this, or once no step
-            along its direction lowers f (near a minimum, below float64 resolution).
+        tolerance: a row stops once its gradient's largest entry is below this, or once its steps
+            lower f by no more than rounding (``RESOLUTION``; near a minimum, where float64 cannot
+            resolve further progress).
     Returns:
         (x, gradient) at the end; a row whose start is not finite stays where it is.
     """
@@ -91,6 +93,8 @@ def minimise(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], x: Tenso
         stalled = stalled | (active & (t == 0))
         x_new = torch.where((t > 0)[:, None], x + t[:, None] * d, x)          # 0·NaN stays out
         f_new, g_new = value_and_grad(x_new)
+        # a decrease at the objective's rounding level: as far as float64 can tell, a minimum
+        stalled = stalled | (active & (f - f_new <= RESOLUTION * f.abs().clamp_min(1.0)))
         s, y = x_new - x, g_new - g
         sy = _dot(s, y)
         rho = torch.where(sy > 1e-12 * _dot(s, s).sqrt() * _dot(y, y).sqrt(), 1 / sy, torch.zeros_like(sy))
