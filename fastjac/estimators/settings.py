@@ -63,8 +63,9 @@ def option_defaults(*, without: tuple = (), **changed) -> dict:
     """OPTION_DEFAULTS less ``without``, with some defaults ``changed`` (e.g. estimator="exact")."""
     table = {name: changed.get(name, default) for name, default in OPTION_DEFAULTS.items()
              if name not in without}
-    unknown = set(changed) - set(table)
-    assert not unknown, f"not options: {unknown}"
+    unknown = sorted(set(changed) - set(table))
+    if unknown:
+        raise TypeError(f"not public options: {', '.join(unknown)}")
     return table
 
 
