@@ -450,6 +450,14 @@ def test_user_mistakes_are_one_line_with_exit_status_2(tmp_path, capsys, flags, 
     assert not (tmp_path / "run" / CONFIG).exists()  # nothing written that would block the next try
 
 
+def test_demo_mistakes_are_one_line(capsys):
+    assert main(["demo", "--beta", "-1", "--steps", "1"]) == 2
+    _one_line_error(capsys, "--beta must be finite and > 0")
+    with pytest.raises(SystemExit) as e:  # argparse: usage and one error line, status 2
+        main(["demo", "--steps", "0"])
+    assert e.value.code == 2 and "expected an integer >= 1" in capsys.readouterr().err
+
+
 def test_a_bug_inside_the_training_loop_keeps_its_traceback(tmp_path, monkeypatch):
     def broken(run, net):
         raise ValueError("a bug, not a user mistake")
