@@ -19,8 +19,10 @@ kernels takes seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -48,6 +50,9 @@ from fastjac.ops.tangent_linear import triton as tangent_triton  # noqa: E402
 
 FULL = dict(B=(256,), D=(784, 12288), d=(16, 64, 128, 256),
             dtypes=(torch.float32, torch.bfloat16, torch.float16), weighted=(False, True))
+# small batches split the Gram over D: atomic adds, or ordered partial sums in deterministic mode
+SPLIT = dict(B=(16,), D=(12288,), d=(64,), dtypes=(torch.float32, torch.bfloat16), weighted=(False,),
+             deterministic=(False, True))
 TINY = dict(B=(256,), D=(784,), d=(64,), dtypes=(torch.float32, torch.bfloat16), weighted=(False,))
 ARCHS = (80, 90)
 TANGENT_ACTIVATIONS = ("relu", "elu")  # σ″ = 0 and σ″ != 0: the backward kernel's two forms
@@ -161,30 +166,46 @@ def constexprs(launch) -> dict:
     return {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
 
 
-def report(grid: dict, cache: dict, log=print) -> list[dict]:
+def shapes(grids):
+    """(B, D, d, dtype, weighted, deterministic) of every shape in the grids."""
+    for grid in grids:
+        for B, D, d, dtype, weighted in itertools.product(grid["B"], grid["D"], grid["d"], grid["dtypes"],
+                                                          grid["weighted"]):
+            for deterministic in grid.get("deterministic", (False,)):
+                yield B, D, d, dtype, weighted, deterministic
+
+
+def report(grids, cache: dict, log=print) -> list[dict]:
     """One row per (shape, operator, kernel launch), with each target's compile results."""
     rows = []
-    seen = {}
-    for B in grid["B"]:
-        for D in grid["D"]:
-            for d in grid["d"]:
-                for dtype in grid["dtypes"]:
-                    for weighted in grid["weighted"]:
-                        for op, launch in launches(B, D, d, dtype, weighted):
-                            row = dict(B=B, D=D, d=d, dtype=str(dtype).replace("torch.", ""), weighted=weighted,
-                                       operator=op, kernel=launch.kernel.__name__, grid=list(launch.grid),
-                                       constexprs=constexprs(launch), num_warps=launch.meta.get("num_warps", 4),
-                                       num_stages=launch.meta.get("num_stages", 3),
-                                       needs_tensor_cores=needs_tensor_cores(launch))
-                            for arch in ARCHS:
-                                row[f"sm_{arch}"] = compile_one(launch, arch, cache)
-                            ident = (row["kernel"], row["dtype"], json.dumps(row["constexprs"], sort_keys=True),
-                                     row["num_warps"])
-                            if ident not in seen:
-                                seen[ident] = True
-                                log(line(row))
-                            rows.append(row)
+    seen = set()
+    for B, D, d, dtype, weighted, deterministic in shapes(grids):
+        with deterministic_algorithms(deterministic):
+            captured = launches(B, D, d, dtype, weighted)
+        for op, launch in captured:
+            row = dict(B=B, D=D, d=d, dtype=str(dtype).replace("torch.", ""), weighted=weighted,
+                       deterministic=deterministic, operator=op, kernel=launch.kernel.__name__,
+                       grid=list(launch.grid), constexprs=constexprs(launch),
+                       num_warps=launch.meta.get("num_warps", 4), num_stages=launch.meta.get("num_stages", 3),
+                       needs_tensor_cores=needs_tensor_cores(launch))
+            for arch in ARCHS:
+                row[f"sm_{arch}"] = compile_one(launch, arch, cache)
+            ident = (row["kernel"], row["dtype"], json.dumps(row["constexprs"], sort_keys=True), row["num_warps"])
+            if ident not in seen:
+                seen.add(ident)
+                log(line(row))
+            rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def problems(row: dict) -> list[str]:
@@ -270,7 +291,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     cache = load_cache()
     try:
-        rows = report(TINY if args.tiny else FULL, cache)
+        rows = report([TINY] if args.tiny else [FULL, SPLIT], cache)
     finally:
         save(CACHE, cache)
     configurations, launched = compact(rows)
