@@ -1,12 +1,16 @@
 """Triton kernels against the float64 reference: forward and every gradient, awkward shapes,
-all three logdet schedules, poisoned outputs, non-contiguous J, dtypes and errors.
+both logdet schedules (register and blocked solvers), poisoned outputs, non-contiguous J, dtypes
+and errors; the tensor-core products, launch counts, device guard, deterministic mode and int64
+offsets.
 
 Without a GPU these run on the CPU through TRITON_INTERPRET=1 (set in conftest.py before
 triton is imported); with one, natively on it.
 
-Tolerances: the kernels multiply the input's own values exactly and sum in fp32, and the
-reference here is computed in float64 from the *same rounded* inputs, so forward values of
-float32, float16 and bfloat16 inputs all meet float32's RTOL (1e-4). Gradients with respect to
+Tolerances: the kernels multiply the input's own values to float32 accuracy (16-bit values
+exactly; float32 by 3xTF32, 2⁻²² relative) and sum in fp32, and the reference here is computed
+in float64 from the *same rounded* inputs, so forward values of float32, float16 and bfloat16
+inputs all meet float32's RTOL (1e-4) — or, for the random shapes, the float32 error estimate of
+docs/maths.md#numerical-error-and-tolerances when that is larger. Gradients with respect to
 J and w leave in the input's dtype, so they meet that dtype's RTOL (its rounding of the result).
 """
 import contextlib
