@@ -163,8 +163,10 @@ def _structure_rows(doc: dict, label: str) -> list[list[str]]:
 
 
 def structure(results_dir: Path) -> str:
-    docs = [load(results_dir, n) for n in ("structure-digits", "structure-mnist")
-            if (Path(results_dir) / f"{n}.json").is_file()]
+    names = ("structure-digits", "structure-mnist")
+    docs = [load(results_dir, n) for n in names if (Path(results_dir) / f"{n}.json").is_file()]
+    if not docs:
+        raise FileNotFoundError(f"none of {names} in {results_dir}")
     rows = [row for d in docs for row in _structure_rows(d, d["config"]["model"]["dataset"])]
     header = ["data", "β", "d", "b", "training steps", "off-block energy", "chance", "rel. err. (all)",
               "rel. err. (blocks)"]
