@@ -108,8 +108,8 @@ def test_a_different_run_into_a_folder_whose_run_died_before_its_first_checkpoin
     assert len(_log(tmp_path)) == 2 and json.loads((tmp_path / CONFIG).read_text())["beta"] == 0.5
     with pytest.raises(UsageError, match="beta=0.5 .now 0.7."):  # --resume: same settings only
         train(_config(tmp_path, beta=0.7, steps=3, resume=True))
-    with pytest.warns(RunWarning, match="never written.*step 0"):  # same settings: start again
-        train(_config(tmp_path, steps=3, resume=True))
+    with pytest.warns(RunWarning, match="never written.*step 0"):  # the same run: it starts again
+        train(_config(tmp_path, steps=3))  # (what `fastjac reproduce` does with an interrupted model)
     assert [e["step"] for e in _log(tmp_path)] == [1, 2, 3, 3]  # the last: held-out evaluation
     train(_config(tmp_path, beta=0.7, steps=2, overwrite=True))
     assert [e["step"] for e in _log(tmp_path)] == [1, 2, 2]

@@ -68,15 +68,16 @@ class RunFolder:
     def used_files(self) -> list:
         return [name for name in RUN_FILES if (self.path / name).exists()]
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> None:
-        """Create the folder; refuse (or, with ``overwrite``, clear) one that holds another run."""
+    def prepare(self, *, keep: bool, overwrite: bool) -> None:
+        """Create the folder; unless ``keep`` (the run in it continues), refuse (or, with
+        ``overwrite``, clear) a folder that holds a run."""
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is a file, not a folder: choose a folder for the run")
         with writing(self.path, "create the run folder"):
             self.path.mkdir(parents=True, exist_ok=True)
         self.clean_temporaries()
         used = self.used_files()
-        if resume or not used:
+        if keep or not used:
             return
         if not overwrite:
             hint = "pass --resume to continue it, " if CHECKPOINT in used or CONFIG in used else ""

@@ -146,10 +146,16 @@ def build_model(cfg: TrainConfig, data_shape):
                             orthogonality_weight=cfg.orthogonality_weight, observation=obs)
 
 
+def _changed_settings(saved: dict, cfg: TrainConfig) -> list:
+    """The settings (beyond RESUMABLE) in which ``cfg`` differs from a run's saved ones."""
+    now = asdict(cfg)
+    return [k for k, v in saved.items() if k not in RESUMABLE and now.get(k) != v]
+
+
 def _check_same_settings(saved: dict, cfg: TrainConfig) -> None:
     """Refuse to continue a run whose saved settings differ from ``cfg`` (beyond RESUMABLE)."""
     now = asdict(cfg)
-    changed = [k for k, v in saved.items() if k not in RESUMABLE and now.get(k) != v]
+    changed = _changed_settings(saved, cfg)
     if changed:
         diffs = ", ".join(f"{k}={saved[k]!r} (now {now.get(k)!r})" for k in changed)
         raise UsageError(f"--resume: the run in {cfg.out} was started with {diffs}; pass the same "
@@ -305,8 +311,9 @@ def train(cfg: TrainConfig, *, on_step: Optional[Callable[[int, torch.nn.Module]
 def _start(cfg: TrainConfig, ctx: distributed.Context) -> _Run:
     """Folder, data, model and optimiser; the checkpoint's state when resuming."""
     folder = RunFolder(cfg.out)
+    restart = not cfg.resume and not cfg.overwrite and _stopped_before_first_checkpoint(folder, cfg)
     if ctx.is_main:
-        folder.prepare(resume=cfg.resume, overwrite=cfg.overwrite)
+        folder.prepare(keep=cfg.resume or restart, overwrite=cfg.overwrite)
     with ctx.peers("start-up"):
         ctx.barrier()
     data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, crop=cfg.crop)
@@ -317,11 +324,23 @@ def _start(cfg: TrainConfig, ctx: distributed.Context) -> _Run:
         raise UsageError(f"cannot build the model: {e}") from e
     order = BatchOrder(len(data.train), cfg.batch_size, cfg.seed, ctx.rank, ctx.world)
     run = _Run(cfg, ctx, folder, data, order, model, torch.optim.Adam(model.parameters(), lr=cfg.lr))
-    if cfg.resume:
+    if cfg.resume or restart:
         _resume(run)
     if run.step < cfg.steps and ctx.is_main:
         folder.write_config(asdict(cfg))
     return run
+
+
+def _stopped_before_first_checkpoint(folder: RunFolder, cfg: TrainConfig) -> bool:
+    """True if ``folder`` holds this very run (same settings), stopped before its first checkpoint:
+    starting it again from step 0 writes the same log, so it needs neither --resume nor --overwrite."""
+    if not folder.path.is_dir() or folder.checkpoint.exists():
+        return False
+    try:
+        saved = folder.read_config()
+    except UsageError:  # unreadable: not known to be this run
+        return False
+    return saved is not None and not _changed_settings(saved, cfg)
 
 
 def _resume(run: _Run) -> None:
@@ -420,4 +439,5 @@ def _interrupted(run: _Run, signum: int) -> TrainingInterrupted:
     name = signal.Signals(signum).name
     return TrainingInterrupted(
         f"stopped by {name} at step {run.step} of {run.cfg.steps}; checkpoint written to {run.folder.checkpoint}. "
-        "To continue, run the same command again with --resume", step=run.step, signal_number=signum)
+        "To continue, resume it (fastjac train: the same command again with --resume)", step=run.step,
+        signal_number=signum)
