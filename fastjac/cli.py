@@ -62,7 +62,8 @@ def _run(module, args) -> int:
     try:
         return int(module.run(args) or 0)
     except TrainingInterrupted as e:
-        print(f"{name}: {e}", file=sys.stderr)
+        if e.rank == 0:  # one message for all the processes
+            print(f"{name}: {e}", file=sys.stderr)
         return 128 + e.signal_number
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)

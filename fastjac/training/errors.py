@@ -44,9 +44,9 @@ class PeerError(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM stopped the run after a checkpoint; ``step`` is where it stopped."""
 
-    def __init__(self, message: str, *, step: int, signal_number: int):
+    def __init__(self, message: str, *, step: int, signal_number: int, rank: int = 0):
         super().__init__(message)
-        self.step, self.signal_number = step, signal_number
+        self.step, self.signal_number, self.rank = step, signal_number, rank
 
 
 class RunWarning(UserWarning):

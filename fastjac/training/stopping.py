@@ -37,6 +37,7 @@ class StopRequests:
         self._signal: Optional[int] = None
         self._parent = os.getppid() if watch_parent else None
         self._previous = {}
+        self._announce = os.environ.get("RANK", "0") == "0"  # one line for all the processes
         if watch_parent:  # from now on; until the handlers are in place, SIGTERM ends the process
             _ask_for_signal_on_parent_death(signal.SIGTERM)
 
@@ -54,6 +55,8 @@ class StopRequests:
         if self._signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
         self._signal = signum
+        if not self._announce:
+            return
         # os.write, not print: the handler may interrupt a write to sys.stderr
         os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
                     "(Ctrl-C again to stop at once, without one)\n".encode())

@@ -440,4 +440,4 @@ def _interrupted(run: _Run, signum: int) -> TrainingInterrupted:
     return TrainingInterrupted(
         f"stopped by {name} at step {run.step} of {run.cfg.steps}; checkpoint written to {run.folder.checkpoint}. "
         "To continue, resume it (fastjac train: the same command again with --resume)", step=run.step,
-        signal_number=signum)
+        signal_number=signum, rank=run.ctx.rank)
