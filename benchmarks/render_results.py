@@ -10,8 +10,8 @@ nothing outside those markers is touched. Each NAME has one renderer, a function
 folder returning Markdown that names the command, the machine and the date of the numbers:
 
 - here, all in README.md, from ``benchmarks/results/``: ``bench`` (every ``fastjac bench --json``
-  file), ``extension-cpu`` (``extension_cpu.json``), ``jacobian-memory`` (``jacobian_memory.json``)
-  and ``hutchinson`` (``hutchinson_cpu.json``);
+  file), ``extension-cpu`` (``extension_cpu.json``), ``jacobian-memory`` (``jacobian_memory.json``),
+  ``hutchinson`` (``hutchinson_cpu.json``) and ``zoo`` (``zoo_cpu.json``);
 - ``fastjac.experiments.tables.RENDERERS`` (name -> function(results_dir) -> Markdown), reading
   ``docs/results/``, for the sections of docs/reproduction.md.
 
@@ -202,7 +202,8 @@ def renderers() -> dict[str, Renderer]:
     out = {"bench": Renderer(bench_tables, "README.md", "benchmarks/results"),
            "extension-cpu": Renderer(extension_cpu, "README.md", "benchmarks/results"),
            "jacobian-memory": Renderer(jacobian_memory, "README.md", "benchmarks/results"),
-           "hutchinson": Renderer(hutchinson, "README.md", "benchmarks/results")}
+           "hutchinson": Renderer(hutchinson, "README.md", "benchmarks/results"),
+           "zoo": Renderer(zoo, "README.md", "benchmarks/results")}
     for name, fn in _science_renderers().items():
         out[name] = Renderer(fn, "docs/reproduction.md", "docs/results")
     return out
