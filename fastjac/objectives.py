@@ -117,15 +117,19 @@ def _estimate(decoder, z: Tensor, beta, obs, x, s: Settings) -> Estimate:
         raise
 
 
+def _decoder_terms(est: Estimate, beta, s: Settings) -> tuple:
+    """(β/2) R and λ · orthogonality penalty (None when not asked) of one estimate."""
+    ortho = None if est.orthogonality is None else s.orthogonality_weight * est.orthogonality
+    return beta / 2 * est.R, ortho
+
+
 def _grae_terms(decoder, z: Tensor, beta, obs, x: Optional[Tensor], s: Settings) -> Terms:
     """The per-sample terms from checked inputs (the core of every GRAE-family function)."""
     est = _estimate(decoder, z, beta, obs, x, s)
     recon = None if x is None else negative_log_likelihood(obs, est.out, x)
-    half_beta = beta / 2
-    code = half_beta * (z.reshape(z.shape[0], -1).to(est.R.dtype) ** 2).sum(-1)
-    ortho = (torch.zeros_like(est.R) if est.orthogonality is None
-             else s.orthogonality_weight * est.orthogonality)
-    return Terms(est.out, recon, code, half_beta * est.R, ortho)
+    code = beta / 2 * (z.reshape(z.shape[0], -1).to(est.R.dtype) ** 2).sum(-1)
+    regularizer, ortho = _decoder_terms(est, beta, s)
+    return Terms(est.out, recon, code, regularizer, torch.zeros_like(regularizer) if ortho is None else ortho)
 
 
 # ----------------------------------------------------------------------------- GRAE, public
@@ -168,9 +172,10 @@ def jacobian_regularizer(decoder: Callable, z: Tensor, beta, *, x: Optional[Tens
     s, observation, reduction = settings_from(options, REGULARIZER_OPTIONS, "jacobian_regularizer")
     with check.deferred():
         beta, obs = _checked_grae_inputs(decoder, z, beta, x, observation, s)
-        t = _grae_terms(decoder, z, beta, obs, x, s)
-        value = reduce(t.regularizer + t.orthogonality, reduction)
-    return (value, t.out) if return_output else value
+        est = _estimate(decoder, z, beta, obs, x, s)  # x, if given, is matched to the output by w
+        regularizer, ortho = _decoder_terms(est, beta, s)
+        value = reduce(regularizer if ortho is None else regularizer + ortho, reduction)
+    return (value, est.out) if return_output else value
 
 
 @with_options(GRAE_TERMS_OPTIONS)
