@@ -11,7 +11,8 @@ folder returning Markdown that names the command, the machine and the date of th
 
 - here, all in README.md, from ``benchmarks/results/``: ``bench`` (every ``fastjac bench --json``
   file), ``extension-cpu`` (``extension_cpu.json``), ``jacobian-memory`` (``jacobian_memory.json``),
-  ``hutchinson`` (``hutchinson_cpu.json``) and ``zoo`` (``zoo_cpu.json``);
+  ``hutchinson`` (``hutchinson_cpu.json``) and ``zoo`` (``zoo_cpu.json``); ``examples``
+  (``examples/timings.json``, the worked examples' run times), also in README.md;
 - ``fastjac.experiments.tables.RENDERERS`` (name -> function(results_dir) -> Markdown), reading
   ``docs/results/``, for the sections of docs/reproduction.md.
 
@@ -197,13 +198,27 @@ def zoo(folder: str) -> str:
     return "\n".join(lines)
 
 
+def examples(folder: str) -> str:
+    """Wall time of each worked example with its default steps (examples/timings.json)."""
+    r = results.load(os.path.join(folder, "timings.json"))
+    rows = [x for x in r["rows"] if x["steps"] == "default" and x["exit"] == 0]
+    if not rows:
+        raise FileNotFoundError("examples/timings.json has no successful run with the default steps")
+    lines = [f"Source: `examples/timings.json` ({r['what']}; `{r['commands'][-1].split('#')[0].strip()}`) on a "
+             f"{r['machine']}, {min(x['utc'] for x in rows)} UTC.", "",
+             "| example | wall time, default steps | 1-minute load |", "|---|---:|---:|"]
+    lines += [f"| `{x['script']}` | {x['wall_s']:.0f} s | {x['load1']:.1f} |" for x in rows]
+    return "\n".join(lines)
+
+
 def renderers() -> dict[str, Renderer]:
     """Every section name -> its renderer: the benchmark ones here and the experiments' tables."""
     out = {"bench": Renderer(bench_tables, "README.md", "benchmarks/results"),
            "extension-cpu": Renderer(extension_cpu, "README.md", "benchmarks/results"),
            "jacobian-memory": Renderer(jacobian_memory, "README.md", "benchmarks/results"),
            "hutchinson": Renderer(hutchinson, "README.md", "benchmarks/results"),
-           "zoo": Renderer(zoo, "README.md", "benchmarks/results")}
+           "zoo": Renderer(zoo, "README.md", "benchmarks/results"),
+           "examples": Renderer(examples, "README.md", "examples")}
     for name, fn in _science_renderers().items():
         out[name] = Renderer(fn, "docs/reproduction.md", "docs/results")
     return out

@@ -164,7 +164,7 @@ def test_every_renderer_of_the_experiments_has_its_section():
     """Once fastjac.experiments.tables exists, every table it can render is in docs/reproduction.md."""
     rr = _render_results()
     table = rr.renderers()
-    for name in ("bench", "extension-cpu", "jacobian-memory", "hutchinson", "zoo"):
+    for name in ("bench", "extension-cpu", "jacobian-memory", "hutchinson", "zoo", "examples"):
         assert name in table
     homes = {r.home for r in table.values()}
     for home in homes:
