@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import signal
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, Dataset, load_dataset
 from .errors import RunWarning, TrainingInterrupted, UsageError
 from .images import image_grid, save_png
+from .progress import LogWindow, ProgressLine
 from .runfolder import CHECKPOINT, CONFIG, GRID, LOG, RunFolder  # noqa: F401 (file names, re-exported)
 from .stopping import StopRequests, under_torchrun
 
@@ -175,72 +175,6 @@ def _check_resumable(state: dict, cfg: TrainConfig, model, path) -> None:
                               f"(first differences: {bad[:3]})")
 
 
-class _Window:
-    """The training terms and step times since the last log entry. Checkpoints keep it (summed
-    over processes), so the first entry after a resume averages the same steps as without one."""
-
-    def __init__(self):
-        self.clear()
-
-    def clear(self) -> None:
-        self.sums, self.count, self.seconds, self.steps = {}, 0, 0.0, 0
-
-    def add(self, terms: dict, count: int, seconds: float) -> None:
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().sum()
-        self.count, self.seconds, self.steps = self.count + count, self.seconds + seconds, self.steps + 1
-
-    def _totals(self, ctx: distributed.Context) -> dict:
-        keys = sorted(self.sums)
-        count = torch.tensor(float(self.count), device=ctx.device)
-        totals = ctx.sum(torch.stack([self.sums[k] for k in keys] + [count]))
-        return dict(zip(keys + ["count"], totals))
-
-    def mean(self, ctx: distributed.Context) -> dict:
-        """The log entry's terms (averaged over every process's samples); empties the window."""
-        totals = self._totals(ctx)
-        count = float(totals.pop("count"))
-        entry = {"train": {k: float(v) / count for k, v in totals.items()},
-                 "seconds_per_step": self.seconds / self.steps}
-        self.clear()
-        return entry
-
-    def state(self, ctx: distributed.Context) -> dict:
-        """For a checkpoint: the sums over all processes (a collective when there are several)."""
-        totals = self._totals(ctx) if self.steps else {"count": torch.tensor(0.0)}
-        count = int(totals.pop("count"))
-        return {"sums": {k: v.cpu() for k, v in totals.items()}, "count": count,
-                "seconds": self.seconds, "steps": self.steps}
-
-    def load(self, state: dict, device: torch.device) -> None:
-        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
-        self.count, self.seconds, self.steps = int(state["count"]), float(state["seconds"]), int(state["steps"])
-
-
-class _Progress:
-    """One status line on stderr: redrawn in place on a terminal, printed every log step otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-        self.loss, self.seconds = None, None  # known from the first log step on
-
-    def update(self, step: int, logged: bool) -> None:
-        if not self.enabled or not (logged or (self.tty and time.monotonic() - self._last > 0.2)):
-            return
-        self._last = time.monotonic()
-        done = int(20 * step / self.total)
-        line = f"[{'#' * done}{'.' * (20 - done)}] step {step}/{self.total}"
-        if self.loss is not None:
-            eta = self.seconds * (self.total - step)
-            line += f"  loss {self.loss:.4g}  {self.seconds:.4f} s/step  eta {int(eta // 60)}:{int(eta % 60):02d}"
-        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
-        if self.tty and step == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def evaluate(model, x: torch.Tensor, cfg: TrainConfig, grid_path) -> dict:
     """Held-out β-VAE (± s.e.), Taylor and GRAE values, and the PNG grid (rank 0)."""
     was_training = model.training
@@ -266,7 +200,7 @@ class _Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0
-    window: _Window = field(default_factory=_Window)
+    window: LogWindow = field(default_factory=LogWindow)
     last_eval: Optional[dict] = None
     step_times: list = field(default_factory=list)
 
@@ -378,7 +312,7 @@ def _loop(run: _Run, stop: StopRequests, on_step) -> None:
         net = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=ids)
     held_out = run.data.test.batch(torch.arange(min(cfg.eval_size, len(run.data.test)))).to(ctx.device) \
         if ctx.is_main else None
-    progress = _Progress(cfg.steps, cfg.progress and ctx.is_main)
+    progress = ProgressLine(cfg.steps, cfg.progress and ctx.is_main)
     run.model.train()
     with ctx.peers("training"):
         while run.step < cfg.steps:
@@ -411,7 +345,7 @@ def _step(run: _Run, net) -> None:
     run.window.add(terms, len(x), run.step_times[-1])
 
 
-def _record(run: _Run, held_out, progress: _Progress, *, checkpoint: bool) -> None:
+def _record(run: _Run, held_out, progress: ProgressLine, *, checkpoint: bool) -> None:
     """After a step: the log entry, the progress line, the held-out evaluation and the checkpoint
     that are due (and a checkpoint anyway if ``checkpoint``)."""
     cfg, ctx, folder = run.cfg, run.ctx, run.folder
