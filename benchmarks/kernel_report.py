@@ -232,9 +232,9 @@ def line(row: dict) -> str:
 def summary(rows: list[dict]) -> dict:
     kernels = {}
     for row in rows:
-        k = kernels.setdefault(row["kernel"], dict(configurations=0, max_registers=0, spill_bytes=0,
+        k = kernels.setdefault(row["kernel"], dict(launches=0, max_registers=0, spill_bytes=0,
                                                    tensor_core={}))
-        k["configurations"] += 1
+        k["launches"] += 1
         for arch in ARCHS:
             r = row[f"sm_{arch}"]
             k["max_registers"] = max(k["max_registers"], r["registers"])
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
     print(f"{s['launches']} launches, {len(s['kernels'])} kernels, {s['problems']} with problems, "
           f"{time.perf_counter() - start:.0f} s")
     for name, k in s["kernels"].items():
-        print(f"  {name:22s} {k['configurations']:4d} launches  max {k['max_registers']} regs  "
+        print(f"  {name:22s} {k['launches']:4d} launches  max {k['max_registers']} regs  "
               f"max spill {k['spill_bytes']} B  tensor cores {json.dumps(k['tensor_core'])}")
     return 1 if args.check and s["problems"] else 0
 

@@ -263,11 +263,12 @@ def gram_plan(B: int, D: int, k: int, dtype: torch.dtype, weighted: bool, diagon
     tile = min(pad(k), GRAM_TILE)
     tiles = triton.cdiv(k, tile)
     grid_tiles = tiles if diagonal else tiles * tiles
-    step = step_rows(tile, products=not diagonal)
+    mode = product_mode(torch.float32 if weighted else dtype, dtype)
+    split = mode not in (NATIVE.value, TF32.value)  # split products hold twice the operands
+    step = step_rows(tile * (2 if split else 1), products=not diagonal)
     want = max(1, programs(device) // max(1, B * grid_tiles))
     per = rows_per_split or (max(triton.cdiv(D, want), 4 * step) if want > 1 else D)
     splits = triton.cdiv(D, per)
-    mode = product_mode(torch.float32 if weighted else dtype, dtype)
     return GramPlan(tile, tiles, step, per, splits, splits > 1 and not torch.are_deterministic_algorithms_enabled(),
                     mode, 4 if diagonal or tile < 32 else 8, 3)
 
