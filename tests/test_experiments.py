@@ -400,7 +400,8 @@ def test_batched_lbfgs_rows_do_not_interact():
 
 def test_publish_adds_provenance_scrubs_paths_and_refuses_other_files(tmp_path):
     from fastjac.experiments import tables
-    res = {"experiment": "structure", "config": {"model": {"data_dir": "/home/me/data/mnist"}},
+    res = {"experiment": "structure", "config": {"model": {"data_dir": "/home/me/data/mnist"},
+                                                 "data": "MNIST (no training file in /home/me/data/mnist): 5 train"},
            "runs": {"k": {"train": {"run": "/tmp/xyz/models/m1"}}}, "summary": None}
     (tmp_path / "results.json").write_text(json.dumps(res))
     path = tables.publish("structure-x", tmp_path / "results.json", command="fastjac reproduce structure",
@@ -408,6 +409,7 @@ def test_publish_adds_provenance_scrubs_paths_and_refuses_other_files(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["command"] == "fastjac reproduce structure" and doc["machine"] == "test box"
     assert doc["config"]["model"]["data_dir"] == "data/mnist" and doc["runs"]["k"]["train"]["run"] == "models/m1"
+    assert doc["config"]["data"] == "MNIST (no training file in data/mnist): 5 train"
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="not an experiment"):
         tables.publish("x", tmp_path / "other.json", command="c", machine="m", out_dir=tmp_path)

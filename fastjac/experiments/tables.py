@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,10 +26,13 @@ from .results import atomic_write
 
 # ----------------------------------------------------------------------------------- publishing
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+[\w.-]+")
+
+
 def _scrub(value):
-    """Absolute paths (machine specific) shortened to their last two parts."""
-    if isinstance(value, str) and value.startswith("/") and "\n" not in value and " " not in value:
-        return "/".join(Path(value).parts[-2:])
+    """Absolute paths (machine specific), alone or inside a text, shortened to their last two parts."""
+    if isinstance(value, str):
+        return ABSOLUTE_PATH.sub(lambda m: "/".join(Path(m.group(0)).parts[-2:]), value)
     if isinstance(value, dict):
         return {k: _scrub(v) for k, v in value.items()}
     if isinstance(value, list):
