@@ -84,3 +84,15 @@ def test_other_sequentials_are_not_stacked(refused):
     hooked = nn.Sequential(nn.Linear(3, 4))
     hooked[0].register_forward_hook(lambda *a: None)
     assert not stacked.supports(hooked)
+
+
+def test_stacked_path_under_autocast_runs_the_decoder_in_bf16_like_the_module():
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Linear(3, 16), nn.ELU(), nn.Linear(16, 5), nn.Sigmoid())
+    z = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, J = fastjac.jacobian_columns(dec, z)
+        want = dec(z)
+    assert out.dtype == want.dtype == J.dtype == torch.bfloat16
+    assert_close("out", want.float(), out.float(), rtol=1e-2)
+    assert_close("J", brute_jacobian(dec, z), J.float(), rtol=3e-2)

@@ -88,7 +88,8 @@ def supports(decoder) -> bool:
 
 
 def _channel_shaped(bias, X: Tensor):
-    return None if bias is None else bias.reshape((-1,) + (1,) * (X.dim() - 2))
+    """The bias shaped per channel, in X's dtype (under autocast, as the layer's own addmm casts it)."""
+    return None if bias is None else bias.to(X.dtype).reshape((-1,) + (1,) * (X.dim() - 2))
 
 
 def _with_bias(X: Tensor, bias, B: int) -> Tensor:
