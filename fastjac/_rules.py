@@ -50,8 +50,8 @@ def _normalised(x: Tensor, dims: tuple, eps: float, weight: Optional[Tensor], bi
     """(x − mean) / sqrt(var + eps) · weight + bias over ``dims`` (biased variance), in float32
     at least for half inputs, as torch's fused norms and autocast's fp32 policy compute it."""
     work = x.float() if x.dtype in LOW_PRECISION else x
-    centred = work - work.mean(dims, keepdim=True)
-    y = centred * torch.rsqrt(centred.pow(2).mean(dims, keepdim=True) + eps)
+    var, mean = torch.var_mean(work, dims, unbiased=False, keepdim=True)  # one fused reduction
+    y = (work - mean) * torch.rsqrt(var + eps)
     y = y if weight is None else y * weight
     y = y if bias is None else y + bias
     keep_fp32 = x.dtype in LOW_PRECISION and torch.is_autocast_enabled(x.device.type)
