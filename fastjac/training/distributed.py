@@ -68,7 +68,10 @@ class Context:
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except RuntimeError:  # a group whose peer died cannot always be torn down cleanly
+                pass
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
