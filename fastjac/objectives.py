@@ -182,13 +182,19 @@ def jacobian_regularizer(decoder: Callable, z: Tensor, beta, *, x: Optional[Tens
 def grae_terms(decoder: Callable, z: Tensor, x: Tensor, beta, **options) -> Terms:
     """Per-sample terms of :func:`grae_loss` (reconstruction, code, regularizer, orthogonality)
     and the decoder output, from one decoder pass."""
+    return _checked_grae_terms(decoder, z, x, beta, options, GRAE_TERMS_OPTIONS, "grae_terms")[0]
+
+
+def _checked_grae_terms(decoder, z, x, beta, options, spec, name):
+    """Validate once (one deferred check block), then the terms from one decoder pass;
+    returns (Terms, reduction)."""
     if x is None:
         raise ValueError("x is required: grae_loss reconstructs x (use jacobian_regularizer for the "
                          "regulariser alone)")
-    s, observation, _ = settings_from(options, GRAE_TERMS_OPTIONS, "grae_terms")
+    s, observation, reduction = settings_from(options, spec, name)
     with check.deferred():
         beta, obs = _checked_grae_inputs(decoder, z, beta, x, observation, s)
-        return _grae_terms(decoder, z, beta, obs, x, s)
+        return _grae_terms(decoder, z, beta, obs, x, s), reduction
 
 
 @with_options(GRAE_OPTIONS)
@@ -224,13 +230,8 @@ def grae_loss(decoder: Callable, z: Tensor, x: Tensor, beta, **options) -> Tenso
         >>> loss = grae_loss(dec, enc(x), x, beta=0.5, estimator="stochastic")
         >>> loss.backward()
     """
-    if x is None:
-        raise ValueError("x is required: grae_loss reconstructs x (use jacobian_regularizer for the "
-                         "regulariser alone)")
-    s, observation, reduction = settings_from(options, GRAE_OPTIONS, "grae_loss")
-    with check.deferred():
-        beta, obs = _checked_grae_inputs(decoder, z, beta, x, observation, s)
-        return reduce(_grae_terms(decoder, z, beta, obs, x, s).total, reduction)
+    terms, reduction = _checked_grae_terms(decoder, z, x, beta, options, GRAE_OPTIONS, "grae_loss")
+    return reduce(terms.total, reduction)
 
 
 # ----------------------------------------------------------------------------- β-VAE and Taylor
