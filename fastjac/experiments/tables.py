@@ -73,6 +73,10 @@ def _num(value, digits: int = 3) -> str:
     return text.replace("-", "−") if text.startswith("-") else text
 
 
+def _deg(value) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{_num(value, 1)}°"
+
+
 def _gap(value) -> str:
     """An ELBO gap (≤ 0): in nats, scientific when tiny."""
     if value is None or not math.isfinite(value):
@@ -107,13 +111,12 @@ def _identifiability_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
     mixing = doc["config"]["training"]["mixing"]
     rows = []
     for r in doc["summary"]:
-        principal = (f"{_num(r['near_best_principal_angle_median_abs'], 1)}°"
-                     if mixing == "gaussian" else "—")
+        principal = _deg(r["near_best_principal_angle_median_abs"]) if mixing == "gaussian" else "—"
         rows.append(([mixing] if with_mixing else []) + [
             r["nonlinearity"], r["inference"], r["covariance"], str(r["runs"]),
             f"{r['near_best_runs']}", _gap(r.get("best_gap_min")),
-            f"{_num(r['near_best_angle_median_abs'], 1)}° / {_num(r['near_best_angle_max_abs'], 1)}°",
-            f"{_num(r.get('near_best_angle_to_best_median_abs'), 1)}°", principal,
+            f"{_deg(r['near_best_angle_median_abs'])} / {_deg(r['near_best_angle_max_abs'])}",
+            _deg(r.get("near_best_angle_to_best_median_abs")), principal,
             "—" if r.get("gradient_max") is None else f"{r['gradient_max']:.0e}"])
     return rows
 
