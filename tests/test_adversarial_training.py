@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils import tiny_train_config
 from fastjac.cli import _parser, main
 from fastjac.training import CheckpointError, TrainConfig, load_checkpoint, load_dataset, train
 from fastjac.training import data as data_module
@@ -45,11 +46,7 @@ def one_thread():
 
 
 def _config(out, **changes):
-    base = dict(out=str(out), model="grae", dataset="digits", estimator="stochastic", latent_dim=4,
-                width=0.125, steps=6, batch_size=16, checkpoint_every=3, eval_every=100, eval_size=20,
-                eval_samples=2, log_every=1, progress=False, device="cpu")
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **{"log_every": 1, **changes})
 
 
 def _log(out):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils import tiny_train_config
 from fastjac.cli import main
 from fastjac.training import BatchOrder, CheckpointError, TrainConfig, load_checkpoint, load_dataset, train
 from fastjac.training.checkpoint import save_checkpoint
@@ -28,11 +29,7 @@ def one_thread():
 
 
 def _config(out, **changes):
-    base = dict(out=str(out), model="grae", dataset="digits", estimator="stochastic", latent_dim=4,
-                width=0.125, steps=6, batch_size=16, checkpoint_every=3, eval_every=100, eval_size=20,
-                eval_samples=2, log_every=2, progress=False, device="cpu")
-    base.update(changes)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **changes)
 
 
 def _parameters(out):

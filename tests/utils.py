@@ -30,3 +30,13 @@ def mlp_decoder(d, D, hidden=32, dtype=torch.float64, seed=0):
     return torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.Tanh(),
                                torch.nn.Linear(hidden, hidden), torch.nn.ELU(),
                                torch.nn.Linear(hidden, D)).to(dtype)
+
+
+def tiny_train_config(out, **changes):
+    """A TrainConfig for a few steps of a tiny digits GRAE≈ run (changes override the defaults)."""
+    from fastjac.training import TrainConfig
+    base = dict(out=str(out), model="grae", dataset="digits", estimator="stochastic", latent_dim=4,
+                width=0.125, steps=6, batch_size=16, checkpoint_every=3, eval_every=100, eval_size=20,
+                eval_samples=2, log_every=2, progress=False, device="cpu")
+    base.update(changes)
+    return TrainConfig(**base)
