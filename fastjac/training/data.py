@@ -207,7 +207,7 @@ def load_dataset(name: str, *, data_dir: Union[str, os.PathLike, None] = None,
         crop: CelebA center-crop side in pixels before resizing (default: the shorter side).
 
     Example:
-        >>> data = load_dataset("mnist", data_dir="../shared/data/mnist")
+        >>> data = load_dataset("mnist", data_dir="DIR")  # DIR: your MNIST IDX files
         >>> data.train.batch(torch.arange(4)).shape
         torch.Size([4, 1, 28, 28])
     """
