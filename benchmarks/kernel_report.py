@@ -69,7 +69,9 @@ def launches(B: int, D: int, d: int, dtype: torch.dtype, weighted: bool):
     beta = torch.empty((), dtype=torch.float32, **meta)
     steps = [
         ("logdet forward", lambda: logdet_triton.forward(J, w, beta, d)),
-        ("logdet/covariance/orthogonality backward",
+        ("logdet backward (M⁻¹ and a per-sample scale)", lambda: _triton.gram_backward(
+            J, w, torch.empty(B, d, d, **meta), True, weighted, scale=torch.empty(B, **meta))),
+        ("covariance/orthogonality backward",
          lambda: _triton.gram_backward(J, w, torch.empty(B, d, d, **meta), True, weighted)),
         ("orthogonality forward", lambda: orthogonality_triton.forward(J, w)),
         ("column estimate forward", lambda: column_triton.forward(J, w)),

@@ -73,11 +73,13 @@ def test_opcheck_gram_backward(backend):
     backend_gram_backward = _dispatch.implementation("logdet_gram", backend).gram_backward
     Jd, wd = J.detach(), w.detach()
     gamma = Jd.mT @ Jd  # any symmetric (B, k, k) is a valid Γ
-    for weights in (None, wd):
+    per_sample = torch.linspace(-2.0, 3.0, J.shape[0])  # the optional scale of Γ, one per sample
+    for weights, scale in ((None, None), (wd, None), (wd, per_sample)):
         for need_J, need_w in ((True, True), (True, False), (False, True)):
-            got = backend_gram_backward(Jd, weights, gamma, need_J, need_w)
+            got = backend_gram_backward(Jd, weights, gamma, need_J, need_w, scale=scale)
+            scaled = gamma.double() * (1 if scale is None else scale.double()[:, None, None])
             want = fastjac.ops._gram.gram_backward(Jd.double(), None if weights is None else weights.double(),
-                                                  gamma.double(), need_J, need_w)
+                                                  scaled, need_J, need_w)
             for name, g, r in zip(("grad_J", "grad_w"), got, want):
                 assert (g is None) == (r is None), name
                 if g is not None:
@@ -85,7 +87,9 @@ def test_opcheck_gram_backward(backend):
     for name in ("triton_gram_backward", "cuda_gram_backward"):
         if backend in name:
             op = getattr(torch.ops.fastjac, name).default
-            torch.library.opcheck(op, (Jd, wd, gamma, True, True), test_utils=("test_schema", "test_faketensor"))
+            extra = (per_sample,) if name == "triton_gram_backward" else ()
+            torch.library.opcheck(op, (Jd, wd, gamma, True, True, *extra),
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", [_param("tangent_linear", b) for b in _dispatch.BACKENDS])

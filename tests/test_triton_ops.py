@@ -369,8 +369,8 @@ class _Launches(TorchDispatchMode):
                          indirect=["schedule"])
 def test_logdet_launches(schedule, d, monkeypatch):
     """Forward (the backend's factorisation): <= 3 launches ([zeros,] Gram, solver; fused: 1).
-    Backward (reference Γ formula + gram_backward): Γ = M⁻¹·(grad/β) is 2 elementwise ops,
-    then one pass over J."""
+    Backward (reference Γ formula + gram_backward): <= 2 launches, grad/β (the per-sample
+    scale of Γ = M⁻¹·grad/β) and one pass over J."""
     J, w = inputs(1, D, d, weighted=True, seed=d)
     J, w = J.float().to(DEVICE), w.float().to(DEVICE)
     beta = torch.tensor(0.7, device=DEVICE)
@@ -384,7 +384,7 @@ def test_logdet_launches(schedule, d, monkeypatch):
         grads = logdet_reference.backward(J, w, beta, m_inv, grad, None, (True, True, False),
                                           _triton.gram_backward)
     print(f"backward d={d}: {count.total} launches {count.triton + count.torch}")
-    assert count.triton == ["_gram_backward_kernel"] and count.total <= 3, (count.triton, count.torch)
+    assert count.triton == ["_gram_backward_kernel"] and count.total <= 2, (count.triton, count.torch)
     assert grads[0] is not None and grads[1] is not None
 
 

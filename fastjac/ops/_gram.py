@@ -29,13 +29,15 @@ def gram(J: Tensor, w: Optional[Tensor]) -> Tensor:
 
 
 def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = True,
-                  need_w: bool = True):
+                  need_w: bool = True, scale: Optional[Tensor] = None):
     """(∂R/∂J, ∂R/∂w) = (2 W J Γ, rowsum((J Γ) ⊙ J)) from Γ = ∂R/∂G, which is (B, k, k)
-    symmetric or its (B, k) diagonal; either result is None when not needed (∂R/∂w also
-    when w is None). In Γ's dtype."""
+    symmetric or its (B, k) diagonal, times the per-sample ``scale`` (B,) if given (so that
+    Γ = M⁻¹·grad/β needs no (B, k, k) temporary); either result is None when not needed
+    (∂R/∂w also when w is None). In Γ's dtype."""
     need_w = need_w and w is not None
     if not (need_J or need_w):
         return None, None
+    gamma = per_sample_scaled(gamma, scale)
     Jc = J.to(gamma.dtype)
     JG = Jc * gamma.unsqueeze(1) if gamma.dim() == 2 else Jc @ gamma
     grad_w = (JG * Jc).sum(-1) if need_w else None
@@ -43,6 +45,13 @@ def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = 
     if need_J:
         grad_J = 2 * JG if w is None else 2 * w.to(gamma.dtype).unsqueeze(-1) * JG
     return grad_J, grad_w
+
+
+def per_sample_scaled(gamma: Tensor, scale: Optional[Tensor]) -> Tensor:
+    """Γ (B, k, k) or (B, k) times scale (B,) per sample; Γ itself when scale is None."""
+    if scale is None:
+        return gamma
+    return gamma * scale.to(gamma.dtype).reshape((-1,) + (1,) * (gamma.dim() - 1))
 
 
 def _uncacheable() -> bool:

@@ -310,13 +310,14 @@ def _rows_times_gamma(Jb, Gb, rows, rmask, cj, k, s_r, s_c, MODE: tl.constexpr, 
 
 
 @triton.jit
-def _gram_backward_kernel(J, w, Gamma, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
+def _gram_backward_kernel(J, w, Gamma, scale, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
                           s_gb, s_gr, s_gc,
-                          HAS_W: tl.constexpr, WRITE_J: tl.constexpr, WRITE_W: tl.constexpr,
+                          HAS_W: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          WRITE_J: tl.constexpr, WRITE_W: tl.constexpr,
                           DIAGONAL: tl.constexpr, MODE: tl.constexpr,
                           ROWS: tl.constexpr, TILE: tl.constexpr):
     """Program (b, row block): rows of ∂R/∂J = 2 W J Γ and ∂R/∂w_r = J_r Γ J_rᵀ.
-    Γ is (B, k, k) fp32 (or its (B, k) diagonal)."""
+    Γ is (B, k, k) fp32 (or its (B, k) diagonal), times scale[b] (fp32) when HAS_SCALE."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rmask = rows < D
@@ -332,6 +333,8 @@ def _gram_backward_kernel(J, w, Gamma, gJ, gw, D, k, s_b, s_r, s_c, s_wb, s_wr,
             acc = a_j.to(tl.float32) * tl.load(Gamma + b * k + cj, mask=cj < k, other=0.0)[None, :]
         else:
             acc = _rows_times_gamma(Jb, Gamma + b * k * k, rows, rmask, cj, k, s_r, s_c, MODE, ROWS, TILE)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale + b)
         if WRITE_W:
             quad += tl.sum(acc * a_j.to(tl.float32), axis=1)
         if WRITE_J:
@@ -360,17 +363,19 @@ def gram_backward_plan(B: int, D: int, k: int, dtype: torch.dtype, diagonal: boo
 
 
 def _gram_backward(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
-                   need_J: bool, need_w: bool):
+                   need_J: bool, need_w: bool, scale: Optional[torch.Tensor] = None):
     B, D, k = J.shape
     gamma = gamma.to(torch.float32).contiguous()
     grad_J = torch.empty_like(J, memory_format=torch.contiguous_format) if need_J else J.new_empty(0)
     grad_w = torch.empty((B, D), dtype=torch.float32, device=J.device) if need_w else J.new_empty(0)
     plan = gram_backward_plan(B, D, k, J.dtype, gamma.dim() == 2)
     launch(_gram_backward_kernel, (B, triton.cdiv(D, plan.rows)), J.device,
-           J, J if w is None else w, gamma, J if not need_J else grad_J, J if not need_w else grad_w,
+           J, J if w is None else w, gamma, gamma if scale is None else scale.to(torch.float32).contiguous(),
+           J if not need_J else grad_J, J if not need_w else grad_w,
            D, k, *J.stride(), *((0, 0) if w is None else w.stride()),
            *(grad_J.stride() if need_J else (0, 0, 0)),
-           HAS_W=w is not None, WRITE_J=need_J, WRITE_W=need_w, DIAGONAL=gamma.dim() == 2,
+           HAS_W=w is not None, HAS_SCALE=scale is not None, WRITE_J=need_J, WRITE_W=need_w,
+           DIAGONAL=gamma.dim() == 2,
            MODE=plan.mode, ROWS=plan.rows, TILE=plan.tile, num_warps=plan.num_warps,
            num_stages=plan.num_stages)
     return grad_J, grad_w
@@ -381,25 +386,25 @@ def _gram_backward(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tens
 # backward kernel is an opaque custom op with a fake implementation.
 @torch.library.custom_op("fastjac::triton_gram_backward", mutates_args=())
 def _gram_backward_op(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
-                      need_J: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _gram_backward(J, w, gamma, need_J, need_w)
+                      need_J: bool, need_w: bool, scale: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gram_backward(J, w, gamma, need_J, need_w, scale)
 
 
 @_gram_backward_op.register_fake
-def _(J, w, gamma, need_J, need_w):
+def _(J, w, gamma, need_J, need_w, scale):
     B, D, _ = J.shape
     return (J.new_empty(J.shape) if need_J else J.new_empty(0),
             J.new_empty((B, D), dtype=torch.float32) if need_w else J.new_empty(0))
 
 
 def gram_backward(J: torch.Tensor, w: Optional[torch.Tensor], gamma: torch.Tensor,
-                  need_J: bool = True, need_w: bool = True):
+                  need_J: bool = True, need_w: bool = True, scale: Optional[torch.Tensor] = None):
     """(∂R/∂J in J's dtype or None, ∂R/∂w (B, D) fp32 or None) from Γ = ∂R/∂G, which is
-    (B, k, k) symmetric or its (B, k) diagonal; one pass over J
-    (docs/maths.md#log-determinant-and-its-gradients)."""
+    (B, k, k) symmetric or its (B, k) diagonal, times the per-sample ``scale`` (B,) if given;
+    one pass over J (docs/maths.md#log-determinant-and-its-gradients)."""
     need_w = need_w and w is not None
     if not (need_J or need_w):
         return None, None
     run = _gram_backward if _capture is not None else torch.ops.fastjac.triton_gram_backward
-    grad_J, grad_w = run(J, w, gamma, need_J, need_w)
+    grad_J, grad_w = run(J, w, gamma, need_J, need_w, scale)
     return (grad_J if need_J else None), (grad_w if need_w else None)

@@ -78,11 +78,12 @@ def _(J, w, gamma, need_J, need_w):
 
 
 def cuda_gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = True,
-                       need_w: bool = True):
+                       need_w: bool = True, scale: Optional[Tensor] = None):
     """``_gram.gram_backward`` on the CUDA kernel (dense Γ; a diagonal Γ goes to the reference)."""
     need_w = need_w and w is not None
     if not (need_J or need_w) or gamma.dim() == 2:
-        return _gram.gram_backward(J, w, gamma, need_J, need_w)
+        return _gram.gram_backward(J, w, gamma, need_J, need_w, scale)
+    gamma = _gram.per_sample_scaled(gamma, scale)
     grad_J, grad_w = torch.ops.fastjac.cuda_gram_backward(J, w, gamma, need_J, need_w)
     return (grad_J if need_J else None), (grad_w if need_w else None)
 

@@ -67,7 +67,12 @@ def covariance_beta_gradient(sigma: Tensor, grad: Tensor, beta: Tensor) -> Tenso
 
 def backward(J, w, beta, m_inv, grad_logdet, grad_sigma, needs, gram_backward: Callable):
     """(∂/∂J, ∂/∂w, ∂/∂β) of ⟨grad_logdet, log det M⟩ + ⟨grad_sigma, M⁻¹⟩ (either grad may be
-    None): the Γ formulas above, then ``gram_backward`` (one pass over J, the backend's)."""
+    None): the Γ formulas above, then ``gram_backward`` (one pass over J, the backend's).
+    For log det alone Γ = M⁻¹·(grad/β) reaches the pass as M⁻¹ and a per-sample scale."""
+    if grad_sigma is None and grad_logdet is not None:
+        scale = grad_logdet.to(m_inv.dtype) / beta.to(m_inv.dtype)
+        grad_J, grad_w = gram_backward(J, w, m_inv, needs[0], needs[1], scale=scale)
+        return grad_J, grad_w, (beta_gradient(m_inv, grad_logdet, beta) if needs[2] else None)
     total = grad_beta = None
     for grad, gamma_of, beta_gradient_of in ((grad_logdet, gamma, beta_gradient),
                                              (grad_sigma, covariance_gamma, covariance_beta_gradient)):
