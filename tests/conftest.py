@@ -2,6 +2,12 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI draws the same hypothesis examples every run (a red CI must be reproducible); local runs
+# draw new ones each time and so keep exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("FASTJAC_HYPOTHESIS_PROFILE", "default"))
 
 torch.set_default_dtype(torch.float32)
 
