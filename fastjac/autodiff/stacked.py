@@ -53,6 +53,43 @@ ACTIVATIONS: dict = {
     nn.GELU: (lambda m, p: F.gelu(p, approximate=m.approximate),
               lambda m, t, p, y: aten.gelu_backward(t, p, approximate=m.approximate)),
 }
+
+
+def _summed(gT: Tensor, T: Tensor) -> Tensor:
+    """Σ over the k tangents of gT ⊙ T ((k, B, n) each): what σ″ multiplies in ∂/∂p."""
+    return gT[0] * T[0] if len(T) == 1 else (gT * T).sum(0)
+
+
+def _reverse_elu(m, gY, gT, T, p, y):
+    # σ″ = σ′ where p ≤ 0 (and 0 above), so σ′gY + σ″ Σ gT·T = σ′(gY + [y ≤ 0] Σ gT·T)
+    grad = lambda g: aten.elu_backward(g, m.alpha, 1, 1, True, y)  # noqa: E731
+    return grad(_summed(gT, T).mul_(y <= 0).add_(gY)), grad(gT)
+
+
+def _reverse_sigmoid(m, gY, gT, T, p, y):
+    # σ″ = σ′(1 − 2y)
+    u = _summed(gT, T)
+    return aten.sigmoid_backward(torch.addcmul(gY, u, y, value=-2).add_(u), y), aten.sigmoid_backward(gT, y)
+
+
+def _reverse_tanh(m, gY, gT, T, p, y):
+    # σ″ = −2y σ′
+    return aten.tanh_backward(torch.addcmul(gY, _summed(gT, T), y, value=-2), y), aten.tanh_backward(gT, y)
+
+
+def _reverse_piecewise_linear(backward):
+    # σ″ = 0: both parts are σ′ ⊙ (their gradient)
+    return lambda m, gY, gT, T, p, y: (backward(m, gY, p, y), backward(m, gT, p, y))
+
+
+# activation type -> (m, gY, gT, T, p, y) -> (∂/∂p, ∂/∂T) of [σ(p); σ′(p) ⊙ T] given the gradients
+# (gY, gT) of its two parts: the reverse of the activation rule in closed form (σ″ written out),
+# for the fused layers of :class:`_LinearActivation`.
+REVERSE: dict = {
+    nn.ELU: _reverse_elu, nn.Sigmoid: _reverse_sigmoid, nn.Tanh: _reverse_tanh,
+    nn.ReLU: _reverse_piecewise_linear(ACTIVATIONS[nn.ReLU][1]),
+    nn.LeakyReLU: _reverse_piecewise_linear(ACTIVATIONS[nn.LeakyReLU][1]),
+}
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ROWWISE = (nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -139,6 +176,53 @@ def _activation(m: nn.Module, X: Tensor, B: int, k: int, bias=None) -> Tensor:
     return torch.cat([y, tangent(m, T, p_k, y_k)])
 
 
+class _LinearActivation(torch.autograd.Function):
+    """An ``nn.Linear`` and the activation after it on the stack X ((1 + k)·B, n_in): the primal
+    rows σ(x Wᵀ + b), the tangent rows σ′ ⊙ t Wᵀ, with the reverse pass written out (:data:`REVERSE`):
+    one GEMM each for ∂W and ∂X over the whole stack and a few elementwise kernels, and no
+    autograd graph inside the pair, whose bookkeeping costs as much as the GEMMs on small layers.
+    Double backward (``create_graph``) recomputes the pair with ordinary ops and differentiates those."""
+
+    @staticmethod
+    def forward(ctx, X, W, b, act, B):
+        Y = F.linear(X, W)
+        p, T = Y[:B], Y[B:].view(-1, B, Y.shape[1])
+        p = p if b is None else p.add_(b)  # Y is ours: the bias goes into the primal rows in place
+        sigma, tangent = ACTIVATIONS[type(act)]
+        y = sigma(act, p)
+        ctx.save_for_backward(X, W, b, p, y, T)
+        ctx.act, ctx.B = act, B
+        return torch.cat([y, tangent(act, T, p, y).reshape(-1, Y.shape[1])])
+
+    @staticmethod
+    def backward(ctx, G):
+        X, W, b, p, y, T = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return _recomputed_grads(ctx, (X, W, b), G)
+        dp, dT = REVERSE[type(ctx.act)](ctx.act, G[: ctx.B], G[ctx.B:].reshape(T.shape), T, p, y)
+        dY = torch.cat([dp, dT.reshape(-1, dp.shape[1])])
+        need_X, need_W, need_b = ctx.needs_input_grad[:3]
+        return (dY @ W if need_X else None, dY.t() @ X if need_W else None,
+                dp.sum(0) if need_b else None, None, None)
+
+
+def _recomputed_grads(ctx, inputs: tuple, G: Tensor) -> tuple:
+    """The pair's gradients as a differentiable graph (double backward): rerun it unfused."""
+    X, W, b = inputs
+    need = [bool(n) and t is not None for t, n in zip(inputs, ctx.needs_input_grad)]
+    with torch.enable_grad():
+        out = _activation(ctx.act, F.linear(X, W), ctx.B, (X.shape[0] - ctx.B) // ctx.B, b)
+        found = iter(torch.autograd.grad(out, [t for t, n in zip(inputs, need) if n], G, create_graph=True))
+    return tuple(next(found) if n else None for n in need) + (None, None)
+
+
+def _fusable(m: nn.Module, after, X: Tensor) -> bool:
+    """Whether ``m`` and the layer ``after`` it run as one :class:`_LinearActivation` (not under
+    autocast or torch.compile, whose casts and tracing the hand-written reverse pass would skip)."""
+    return (type(m) is nn.Linear and type(after) in REVERSE and X.dim() == 2
+            and not torch.is_autocast_enabled(X.device.type) and not torch.compiler.is_compiling())
+
+
 def _leaves(decoder: nn.Sequential):
     for m in decoder:
         yield from (_leaves(m) if type(m) is nn.Sequential else (m,))
@@ -151,17 +235,25 @@ def push(decoder: nn.Sequential, z: Tensor, tangents: Tensor):
     its own before any other layer: no copy of the stack for it."""
     k, B = tangents.shape[:2]
     X = torch.cat([z.unsqueeze(0), tangents.to(z.dtype)]).reshape((k + 1) * B, *z.shape[1:])
-    bias = None
-    for m in _leaves(decoder):
-        if type(m) in ACTIVATIONS:
+    bias, fused = None, False
+    layers = list(_leaves(decoder))
+    for m, after in zip(layers, layers[1:] + [None]):
+        if fused:  # the activation already applied with the linear layer before it
+            fused = False
+        elif type(m) in ACTIVATIONS:
             X, bias = _activation(m, X, B, k, bias), None
-            continue
-        X, bias = _with_bias(X, bias, B), None
-        if isinstance(m, LINEAR):
-            X, bias = _linear(m, X)
-        elif isinstance(m, BATCHNORM):
-            X = _batch_norm(m, X, B, k)
+        elif _fusable(m, after, X):
+            X, bias, fused = _LinearActivation.apply(_with_bias(X, bias, B), m.weight, m.bias, after, B), None, True
         else:
-            X = m(X)
+            X, bias = _layer(m, _with_bias(X, bias, B), B, k)
     out, T = _with_bias(X, bias, B).split([B, k * B])
     return out, T.reshape(k, B, *X.shape[1:])
+
+
+def _layer(m: nn.Module, X: Tensor, B: int, k: int) -> tuple:
+    """(output, pending bias) of a non-activation layer on the stack."""
+    if isinstance(m, LINEAR):
+        return _linear(m, X)
+    if isinstance(m, BATCHNORM):
+        return _batch_norm(m, X, B, k), None
+    return m(X), None
