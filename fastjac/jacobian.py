@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from . import _decoders
-from .autodiff import stacked
+from .autodiff import stacked, stacked_ops
 from . import _validation as check
 from ._rules import BATCH_FIX, BatchCouplingWarning, column_rules, refuse_running_statistics_update, updates_running_statistics
 
@@ -258,13 +258,35 @@ def _captured_write(error: Exception) -> Exception:
 
 
 def _push(push, decoder, output, z: Tensor, tangents: Tensor):
-    """One tangent pass under the op rules and the forward-AD lock (see the module notes); the
-    stacked and fused pushes use neither forward AD nor a ruled op."""
+    """One tangent pass: the stacked evaluation where it works (see :func:`_stacked_push`), else
+    forward AD under the op rules and the lock (see the module notes); the stacked and fused
+    pushes use neither forward AD nor a ruled op. Under torch.compile: forward AD, traced."""
     if getattr(push, "plain_ops", False):
         return push(z, tangents)
     if torch.compiler.is_compiling():
         with column_rules():
             return push(z, tangents)
+    return _stacked_push(push, decoder, output, z, tangents)
+
+
+def _stacked_push(push, decoder, output, z: Tensor, tangents: Tensor):
+    """The decoder's own forward on [z; tangents] (:mod:`fastjac.autodiff.stacked_ops`); where it
+    meets a call without a stacked rule, forward AD instead, and for this decoder structure,
+    shapes and dtype from then on (one failed attempt at most)."""
+    key = stacked_ops.cache_key(decoder, output, z, tangents.shape[0])
+    if stacked_ops.DECISIONS.get(key) is not False:
+        replay = random_state(z.device)
+        try:
+            return stacked_ops.push(decoder, functools.partial(select_output, output=output), z, tangents)
+        except Exception:  # noqa: BLE001 -- Unsupported, or the decoder's own error: torch.func decides
+            stacked_ops.DECISIONS.set(key, False)
+        replay()  # the same random draws for torch.func as for the failed attempt
+    return _forward_ad_push(push, decoder, output, z, tangents)
+
+
+def _forward_ad_push(push, decoder, output, z: Tensor, tangents: Tensor):
+    """The tangent pass by torch.func under the op rules and the forward-AD lock; the double-VJP
+    method for an op without a forward-AD formula."""
     try:
         with FORWARD_AD_LOCK, column_rules():
             return push(z, tangents)
@@ -276,7 +298,7 @@ def _push(push, decoder, output, z: Tensor, tangents: Tensor):
         _warned_ops.add(op)
         warnings.warn(f"{op} has no forward-AD formula and no fastjac rule: Jacobian columns are "
                       "computed by the double-VJP method (exact, one reverse pass per column)",
-                      ForwardADFallbackWarning, stacklevel=4)
+                      ForwardADFallbackWarning, stacklevel=5)
     try:
         with column_rules():
             return double_vjp_columns(decoder, output, z, tangents)
