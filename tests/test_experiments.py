@@ -211,6 +211,47 @@ def test_objectives_quick_path_at_toy_size(tmp_path, capsys):
     assert capsys.readouterr().out.count("done already, skipped") == 4
 
 
+def _mnist_idx(folder, count: int) -> None:
+    """A synthetic MNIST test file (IDX, uncompressed) of ``count`` random 28×28 images."""
+    import struct
+    images = np.random.default_rng(0).integers(0, 256, (count, 28, 28)).astype(np.uint8)
+    (folder / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, count, 28, 28) + images.tobytes())
+
+
+def test_objectives_app_d_networks_at_toy_size(tmp_path, capsys):
+    """--architecture mnist: the App. D conv nets, evaluated in chunks; the trainer's own held-out
+    check uses no more points than the experiment evaluates (it was 500, minutes per App. D model)."""
+    from fastjac.experiments import objectives
+    _mnist_idx(tmp_path, 60)
+    argv = ["objectives", "--dataset", "mnist", "--data-dir", str(tmp_path), "--architecture", "mnist",
+            "--width", "0.05", "--betas", "0.5", "--blocks", "2", "--latent-dim", "4", "--train-steps", "2",
+            "--test-points", str(objectives.EVAL_BATCH_CONV + 3), "--num-samples", "3", "--batch-size", "8"]
+    assert reproduce(tmp_path / "out", *argv) == 0
+    doc = read_results(tmp_path / "out")
+    assert doc["config"]["model"]["architecture"] == "mnist"
+    (r,) = doc["runs"].values()
+    assert r["points"] == objectives.EVAL_BATCH_CONV + 3 and r["gap_negative_points"] == 0   # two chunks
+    assert r["gap_closed_form_max_error"] < 1e-8
+    trained = json.loads((tmp_path / "out" / "models" / "objectives-b2-beta0.5" / "config.json").read_text())
+    assert trained["architecture"] == "mnist" and trained["eval_size"] == r["points"]
+
+
+def test_objectives_table_says_what_ran_and_what_is_missing(tmp_path):
+    from fastjac.experiments import tables
+    run = dict(block_size=1, beta=0.1, beta_vae=2.0, beta_vae_stderr=0.01, taylor=1.9, grae=1.8, gap_mean=0.1,
+               gap_min=0.05, points=40)
+    res = {"experiment": "objectives", "runs": {"b=1/beta=0.1": run}, "summary": None,
+           "config": {"model": {"architecture": "mnist", "width": 1.0, "train_steps": 200},
+                      "grid": {"betas": [0.1, 1.0], "blocks": [1], "latent_dim": 12, "num_samples": 32}}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    tables.publish("objectives-x", tmp_path / "results.json", command="fastjac reproduce objectives",
+                   machine="m", out_dir=tmp_path, date="2026-01-01 00:00 UTC")
+    text = tables._objectives("objectives-x")(tmp_path)
+    assert "| 1 | 0.1 | 2.000 ± 0.010 | 1.900 | 1.800 | 0.100 | 0.100 | 5.0e-02 |" in text
+    assert "App. D mnist network, d = 12, 200 Adam steps each; evaluated on 40 held-out points, 32" in text
+    assert "*Unfinished*: 1 of the grid's 2 models ran (missing: b=1/beta=1)" in text
+
+
 def test_objectives_bad_settings_are_refused(tmp_path, capsys):
     assert reproduce(tmp_path, "objectives", "--quick", "--blocks", "5", "--latent-dim", "4") == 2
     assert "--blocks must lie in [1, d = 4]" in capsys.readouterr().out

@@ -66,15 +66,18 @@ def model_config(args, default_steps: int) -> dict:
 
 
 def trained_autoencoder(kind: str, config: dict, data_shape: tuple, *, out: Path, name: str,
-                        device: str = "cpu", **model_options):
+                        device: str = "cpu", eval_size: int = 500, **model_options):
     """Train ``kind`` ("beta-vae" | "grae") with ``fastjac.training.train`` in ``out/models/name``,
-    or reload it when that run is finished. Returns (model in eval mode, record)."""
+    or reload it when that run is finished. Returns (model in eval mode, record).
+
+    ``eval_size``: held-out points of the trainer's own end-of-run evaluation (the record's
+    ``held_out``), a cross-check beside the experiment's; fewer keeps it cheap for the App. D nets."""
     run_dir = Path(out) / "models" / name
     steps = config["train_steps"]
     cfg = TrainConfig(out=str(run_dir), model=kind, dataset=config["dataset"], data_dir=config["data_dir"],
                       architecture=config["architecture"], width=config["width"], steps=steps,
                       batch_size=config["batch_size"], lr=config["lr"], seed=config["seed"],
-                      sigma=config["sigma"], eval_every=steps, checkpoint_every=steps,
+                      sigma=config["sigma"], eval_every=steps, eval_size=eval_size, checkpoint_every=steps,
                       log_every=max(1, steps // 10), device=device,
                       resume=(run_dir / CHECKPOINT).is_file(), **model_options)
     summary = train(cfg)

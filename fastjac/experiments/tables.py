@@ -195,6 +195,23 @@ def samples_digits(results_dir: Path) -> str:
     return _section([doc], _table(header, rows) + "\n\n" + floor)
 
 
+def _objectives_settings(doc: dict) -> str:
+    """What the table's models and evaluation were, from the results file's config."""
+    model, grid = doc["config"]["model"], doc["config"]["grid"]
+    arch = {"mlp": "MLP"}.get(model["architecture"], f"App. D {model['architecture']} network")
+    width = "" if model["width"] == 1 else f" (width {model['width']:g})"
+    points = " / ".join(str(n) for n in sorted({r["points"] for r in doc["runs"].values()})) or "no"
+    text = (f"Models: {arch}{width}, d = {grid['latent_dim']}, {model['train_steps']} Adam steps each; "
+            f"evaluated on {points} held-out points, "
+            f"{grid['num_samples']} posterior draws per point for the β-VAE value.")
+    wanted = [f"b={b}/beta={beta:g}" for b in grid["blocks"] for beta in grid["betas"]]
+    missing = [k for k in wanted if k not in doc["runs"]]
+    if missing:
+        text += (f" *Unfinished*: {len(wanted) - len(missing)} of the grid's {len(wanted)} models ran "
+                 f"(missing: {', '.join(missing)}).")
+    return text
+
+
 def _objectives(name: str) -> Callable[[Path], str]:
     def render(results_dir: Path) -> str:
         doc = load(results_dir, name)
@@ -203,7 +220,7 @@ def _objectives(name: str) -> Callable[[Path], str]:
                  f"{r['gap_min']:.1e}"] for r in doc["runs"].values()]
         header = ["b", "β", "β-VAE ± s.e.", "Taylor", "GRAE", "β-VAE − Taylor", "Taylor − GRAE",
                   "min per-point gap"]
-        return _section([doc], _table(header, rows))
+        return _section([doc], _table(header, rows) + "\n\n" + _objectives_settings(doc))
     render.__name__ = name.replace("-", "_")
     return render
 
