@@ -442,29 +442,34 @@ def _masked_fill(ctx, X, mask, value):
     return ctx.join(P.masked_fill(mask, value), T.masked_fill(mask, 0))
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
-def _cat(ctx, tensors, dim=0, *, out=None):
-    """Along a non-batch dimension; constant pieces (one row per sample) have zero tangents."""
-    ndim = next(t.dim() for t in tensors if isinstance(t, Stacked))
-    if out is not None or dim % ndim == 0:
-        raise Unsupported("cat along the batch dimension")
+def _full_rows(ctx: _Pass, tensors, ndim: int) -> list:
+    """The pieces of a cat/stack as stacked rows: a constant (one row per sample) gets zero tangents."""
     pieces = []
     for t in tensors:
         if isinstance(t, Stacked):
             pieces.append(t)
-        elif t.dim() == ndim and t.shape[0] == ctx.B:
+        elif isinstance(t, Tensor) and t.dim() == ndim and t.shape[0] == ctx.B:
             pieces.append(torch.cat([t, t.new_zeros(ctx.k * ctx.B, *t.shape[1:])]))
         else:
             raise Unsupported("cat with a constant that has no row per sample")
-    return torch.cat(pieces, dim)
+    return pieces
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def _cat(ctx, tensors, dim=0, *, out=None):
+    """Along a non-batch dimension."""
+    ndim = next(t.dim() for t in tensors if isinstance(t, Stacked))
+    if out is not None or dim % ndim == 0:
+        raise Unsupported("cat along the batch dimension")
+    return torch.cat(_full_rows(ctx, tensors, ndim), dim)
 
 
 @rule(torch.stack)
 def _stack(ctx, tensors, dim=0, *, out=None):
-    ndim = next(t.dim() for t in tensors if isinstance(t, Stacked)) + 1
-    if out is not None or dim % ndim == 0:
+    ndim = next(t.dim() for t in tensors if isinstance(t, Stacked))
+    if out is not None or dim % (ndim + 1) == 0:
         raise Unsupported("stack along the batch dimension")
-    return _cat(ctx, [t.unsqueeze(dim) for t in tensors], dim)
+    return torch.stack(_full_rows(ctx, tensors, ndim), dim)
 
 
 # --- activations: σ(p) on the primal rows, σ′(p) ⊙ t by torch's fused backward kernel -----------
@@ -594,8 +599,10 @@ def _layer_norm(ctx, X, normalized_shape, weight=None, bias=None, eps=1e-5):
     if n >= X.dim() or _stacked_in([weight, bias]):
         raise Unsupported("layer_norm over the batch dimension or with stacked parameters")
     P, T, dtype = _work(*ctx.split(X))
-    y, mean, rstd = torch.native_layer_norm(P, normalized_shape, weight, bias, eps)
     dims = tuple(range(-n, 0))
+    y = F.layer_norm(P, normalized_shape, weight, bias, eps)
+    var, mean = torch.var_mean(P, dims, unbiased=False, keepdim=True)  # (native_layer_norm's own
+    rstd = torch.rsqrt(var + eps)  # mean and rstd outputs carry no gradient)
     tangent = _standardised_tangent(T, (P - mean) * rstd, rstd, dims)
     tangent = tangent if weight is None else tangent * weight
     return ctx.join(y.to(dtype), tangent.to(dtype))
