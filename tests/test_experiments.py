@@ -136,8 +136,9 @@ def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_pa
     assert set(doc["runs"]) == {f"{nu}/amortised/{c}/n=2" for nu in ("identity", "sigmoid")
                                 for c in ("diagonal", "full")}
     for rec in doc["runs"].values():
-        assert len(rec["elbo"]) == len(rec["angle"]) == 2
+        assert len(rec["elbo"]) == len(rec["angle"]) == len(rec["decoder_angle"]) == 2
         assert all(a is None or -45 < a <= 45 for a in rec["angle"] + rec["principal_angle"])
+        assert len(rec["truth"]["elbo"]) == len(rec["truth"]["at_truth"]["elbo"]) == 2   # one n: the reference
     assert len(doc["summary"]) == 4
     assert_png(tmp_path / "identifiability.png")
     assert_png(tmp_path / "identifiability_principal.png")

@@ -2,9 +2,17 @@
 
 Data (per trial): x = ν(W z) + ε, z ~ N(0, I₂), ε ~ N(0, 0.05² I₂), ν ∈ {identity, tanh, sigmoid,
 elu}. ``--mixing orthogonal`` (default): W = R·diag(2, 1), R a random rotation (the identifiable
-case); ``--mixing gaussian``: W's entries N(0, 1) with columns rescaled to norms 2 and 1 (the paper's
-wording), where a mean-field VAE aligns with W's principal axes instead, so the angle to W's right
-singular vectors is reported too.
+case for identity ν); ``--mixing gaussian``: W's entries N(0, 1) with columns rescaled to norms 2
+and 1 (the paper's wording), where a mean-field VAE aligns with W's principal axes instead, so the
+angle to W's right singular vectors is reported too; ``--mixing aligned``: W = P·diag(2, 1), P a
+random signed permutation, where every row of W reads one latent, so the true posterior is
+mean-field in the true axes for every elementwise ν (a control: the decoder Jacobian
+diag(ν′(Wz))·W has orthogonal columns at every z).
+
+Reference runs (``--reference truth``, default): per data set the encoder is fitted to the TRUE
+decoder and L-BFGS then runs on everything from there (:func:`truth_start`); with the decoder's
+own angle (A ≈ W·Q) they tell an optimiser that misses the true axes from a model whose optimum
+is elsewhere.
 
 Model: decoder p(x|z) = N(ν(A z) + b, 0.05² I); posterior N(μ, Σ) with μ = O₁C′x + d and one Σ
 (amortised) or free μᵢ, Σᵢ per point (unamortised); Σ = O₂ D′D′ᵀ O₂ᵀ with O₁, O₂ fixed random
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -31,13 +39,13 @@ from torch import Tensor
 from ..objectives import gaussian_kl
 from ..observations import Gaussian
 from . import lbfgs, plotting
-from .procrustes import latent_angle, rotation
+from .procrustes import latent_angle, rotation, rotation_angle
 from .results import Progress, Results, log
 
 NONLINEARITIES = {"identity": lambda t: t, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "elu": F.elu}
 INFERENCE = ("amortised", "unamortised")
 COVARIANCES = ("diagonal", "full")
-MIXINGS = ("orthogonal", "gaussian")
+MIXINGS = ("orthogonal", "gaussian", "aligned")
 NOISE_STD = 0.05
 COLUMN_NORMS = (2.0, 1.0)
 PAPER_STEPS = (100, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000)
@@ -56,6 +64,7 @@ class Training:
     refine: str = "lbfgs"         # after the schedule: per-trial L-BFGS on the same ELBO, or "none"
     refine_iterations: int = 3000
     refine_tolerance: float = 1e-7  # stop a trial once its gradient's largest entry is below this
+    reference: str = "truth"      # also start each data set at the true model (truth_start), or "none"
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,10 @@ def _mixing(g: torch.Generator, mixing: str, dtype) -> Tensor:
     norms = torch.tensor(COLUMN_NORMS, dtype=dtype)
     if mixing == "orthogonal":
         return rotation(torch.rand((), generator=g, dtype=dtype) * 2 * math.pi) * norms
+    if mixing == "aligned":                         # a random signed permutation times diag(2, 1)
+        signs = torch.where(torch.rand(2, generator=g, dtype=dtype) < 0.5, -1.0, 1.0).to(dtype)
+        W = torch.diag(norms) if torch.rand((), generator=g) < 0.5 else torch.diag(norms).flip(0)
+        return signs[:, None] * W
     W = torch.randn(2, 2, generator=g, dtype=dtype)
     return W / W.norm(dim=0) * norms
 
@@ -260,35 +273,110 @@ def train(params, fixed, X: Tensor, setting: Setting, training: Training,
         return loss_of(params)
 
 
+def decoder_angle(A: Tensor, W: Tensor) -> Tensor:
+    """Angle (degrees, (−45, 45]) of the orthogonal Q closest to A ≈ W·Q (Procrustes): the
+    rotation of the fitted decoder's latent axes against the true ones, (T, 2, 2) -> (T,).
+
+    It equals the encoder-means angle of :func:`latent_angle` when the model's latents are Qᵀz."""
+    U, _, Vh = torch.linalg.svd(W.mT @ A)
+    return rotation_angle(U @ Vh)
+
+
 def _measure(params, fixed, data: Data, covariance: str, neg_elbo: Tensor) -> dict:
-    """ELBO and angles (to the true latents and to W's right singular vectors) per trial."""
+    """ELBO and angles (to the true latents and to W's right singular vectors) per trial, the
+    decoder's angle (A ≈ W·Q) and the singular values of W⁻¹A (both 1 when A = W·Q exactly)."""
     with torch.no_grad():
         mu, _ = posterior(params, fixed, data.X, covariance)
         V = torch.linalg.svd(data.W).Vh.mT                                   # W = U S Vᵀ
         ok = torch.isfinite(mu).all(-1).all(-1) & torch.isfinite(neg_elbo)
+        ok = ok & torch.isfinite(params["A"]).all(-1).all(-1)
         safe = torch.where(ok[:, None, None], mu, data.Z)
+        A = torch.where(ok[:, None, None], params["A"], data.W)
         angle = torch.where(ok, latent_angle(data.Z, safe), torch.nan)
         principal = torch.where(ok, latent_angle(data.Z @ V, safe), torch.nan)
-    return {"elbo": (-neg_elbo).tolist(), "angle": angle.tolist(), "principal_angle": principal.tolist()}
+        decoder = torch.where(ok, decoder_angle(A, data.W), torch.nan)
+        stretch = torch.where(ok[:, None], torch.linalg.svdvals(torch.linalg.solve(data.W, A)), torch.nan)
+    return {"elbo": (-neg_elbo).tolist(), "angle": angle.tolist(), "principal_angle": principal.tolist(),
+            "decoder_angle": decoder.tolist(), "decoder_singular_values": stretch.tolist()}
+
+
+def _truth_parameters(data: Data, params, fixed) -> dict:
+    """The true decoder (A = W, b = 0) and an encoder started on the true latents: amortised
+    μ = W⁻¹x (C = O₁ᵀW⁻¹), unamortised μᵢ = zᵢ; D′ as drawn for the trial."""
+    out = {"A": data.W.clone(), "b": torch.zeros_like(params["b"]), "D": params["D"].detach().clone()}
+    if "C" in params:
+        out.update(C=fixed["O1"].mT @ torch.linalg.inv(data.W), d=torch.zeros_like(params["d"]))
+    else:
+        out["mu"] = data.Z.clone()
+    return out
+
+
+def _fit_encoder(start: dict, fixed, X: Tensor, setting: Setting, training: Training,
+                 covariance: str) -> dict:
+    """The encoder's parameters fitted by L-BFGS with the decoder (``start``'s A, b) held fixed."""
+    decoder = {k: start[k] for k in ("A", "b")}
+    encoder = {k: v.clone() for k, v in start.items() if k not in decoder}
+    loss_of = _loss_function(fixed, X, replace(setting, covariance=covariance), training)
+    refine(encoder, lambda p: loss_of({**p, **decoder}), training)
+    return {**encoder, **decoder}
+
+
+def true_decoder_axes(data: Data, start: dict, fixed, setting: Setting, training: Training) -> Tensor:
+    """Amortised inference: where the mean-field optimum of the TRUE decoder lies, (T,) degrees.
+
+    With the decoder held at A = W the best full Σ is fitted; turning decoder, encoder and Σ
+    together by Q costs no ELBO (the prior and the full family are rotation invariant) and makes
+    Σ diagonal when Q holds Σ's eigenvectors, so the best diagonal model whose decoder is the true
+    one turned by Q sits at the angle of Q. 0 when the true posterior is mean-field in the true
+    axes (identity ν, orthogonal W); W's right singular vectors for identity ν, Gaussian W."""
+    fitted = _fit_encoder(start, fixed, data.X, setting, training, "full")
+    with torch.no_grad():
+        _, L = posterior(fitted, fixed, data.X, "full")
+        _, U = torch.linalg.eigh(L[:, 0] @ L[:, 0].mT)                      # Σ = U Λ Uᵀ
+    return rotation_angle(U)
+
+
+def truth_start(data: Data, params, fixed, setting: Setting, training: Training) -> dict:
+    """Reference runs of a setting's data sets, each started at the true model:
+
+    ``at_truth``: the true decoder held fixed and the encoder (of the setting's Σ) fitted to it —
+    the ELBO and angles of the true model within this variational family; ``true_decoder_axes``
+    (amortised only, else None): :func:`true_decoder_axes`; then, from ``at_truth``, L-BFGS on
+    all parameters: where the optimiser goes from the truth (elbo, angle, … as :func:`_measure`)."""
+    start = _fit_encoder(_truth_parameters(data, params, fixed), fixed, data.X, setting, training,
+                         setting.covariance)
+    loss_of = _loss_function(fixed, data.X, setting, training)
+    with torch.no_grad():
+        at_truth = _measure(start, fixed, data, setting.covariance, loss_of(start))
+    axes = (true_decoder_axes(data, start, fixed, setting, training).tolist() if "C" in start
+            else [None] * data.X.shape[0])
+    gradient = refine(start, loss_of, training)
+    with torch.no_grad():
+        final = _measure(start, fixed, data, setting.covariance, loss_of(start))
+    return {"at_truth": at_truth, "true_decoder_axes": axes, "gradient_max": gradient.tolist(), **final}
 
 
 def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64, device="cpu",
-               progress: Optional[Progress] = None) -> dict:
+               progress: Optional[Progress] = None, reference: bool = False) -> dict:
     """Train the trials of one setting as one batched computation and measure them.
 
     Args:
         seeds: per trial, (data seed, initialisation seed); see :func:`trial_seeds`.
+        reference: also run :func:`truth_start` on the same data sets (``truth``).
     Returns lists over trials: elbo (nats per point), angle (degrees, true latents vs posterior
-    means), principal_angle (vs W's right singular vectors), the seeds, the same three numbers
-    where the schedule ended (``schedule``) and, when refined, each trial's largest gradient
-    entry at the end (``gradient_max``: ~0 means a stationary point was reached)."""
+    means), principal_angle (vs W's right singular vectors), decoder_angle and
+    decoder_singular_values (:func:`_measure`), the seeds, the same numbers where the schedule
+    ended (``schedule``) and, when refined, each trial's largest gradient entry at the end
+    (``gradient_max``: ~0 means a stationary point was reached)."""
     data, params, fixed = simulate(seeds, setting, training, dtype, device)
+    record: dict = {"seeds": [list(p) for p in seeds]}
+    if reference:
+        record["truth"] = truth_start(data, params, fixed, setting, training)
     loss_of = _loss_function(fixed, data.X, setting, training)
     scheduled = setting.steps_per_stage * training.stages
     schedule(params, loss_of, setting, training, progress)
     with torch.no_grad():
-        after_schedule = _measure(params, fixed, data, setting.covariance, loss_of(params))
-    record = {"seeds": [list(p) for p in seeds], "schedule": after_schedule}
+        record["schedule"] = _measure(params, fixed, data, setting.covariance, loss_of(params))
     if training.refine == "lbfgs":
         on_step = None if progress is None else (lambda k: progress.update(scheduled + k))
         record["gradient_max"] = refine(params, loss_of, training, on_step).tolist()
@@ -307,8 +395,9 @@ FULL = dict(nonlinearities=tuple(NONLINEARITIES), inference=INFERENCE, steps=PAP
 
 def add_arguments(parser) -> None:
     parser.add_argument("--mixing", choices=MIXINGS, default="orthogonal",
-                        help="W = rotation·diag(2,1) (identifiable, default) or Gaussian entries with "
-                             "column norms 2 and 1 (the paper's wording)")
+                        help="W = rotation·diag(2,1) (identifiable for identity ν, default), Gaussian "
+                             "entries with column norms 2 and 1 (the paper's wording), or a signed "
+                             "permutation·diag(2,1) (true posterior mean-field for every ν; a control)")
     parser.add_argument("--nonlinearities", nargs="+", choices=tuple(NONLINEARITIES))
     parser.add_argument("--inference", nargs="+", choices=INFERENCE,
                         help="amortised (Fig. 1/5) and/or unamortised (Fig. 6); quick: amortised")
@@ -327,6 +416,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--refine-iterations", type=int, default=3000,
                         help="the most L-BFGS steps per trial")
     parser.add_argument("--quadrature", type=int, default=3, help="Gauss–Hermite points per latent axis")
+    parser.add_argument("--reference", choices=("truth", "none"), default="truth",
+                        help="also fit each data set's encoder to the TRUE decoder and run L-BFGS on "
+                             "everything from there (once per data set and Σ, at the smallest n): the "
+                             "ELBO the true model reaches in this family and where the optimum lies")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: summarise and plot the settings already in --out (e.g. of an "
                              "interrupted grid)")
@@ -339,7 +432,8 @@ def _config(args) -> tuple[Training, dict]:
     base = QUICK if args.quick else FULL
     training = Training(num_points=args.points or base["num_points"], mixing=args.mixing,
                         optimizer=args.optimizer, lr=args.lr, quadrature=args.quadrature,
-                        seed=args.seed, refine=args.refine, refine_iterations=args.refine_iterations)
+                        seed=args.seed, refine=args.refine, refine_iterations=args.refine_iterations,
+                        reference=args.reference)
     grid = dict(nonlinearities=tuple(args.nonlinearities or base["nonlinearities"]),
                 inference=tuple(args.inference or base["inference"]), covariances=COVARIANCES,
                 steps=tuple(args.steps or base["steps"]), trials=args.trials)
@@ -362,18 +456,33 @@ def wrap_angle(degrees: float) -> float:
     return 45.0 - (45.0 - degrees) % 90.0
 
 
+RUN_FIELDS = ("elbo", "angle", "principal_angle", "decoder_angle", "decoder_singular_values")
+
+
+def _at(values, t: int):
+    return values[t] if values and t < len(values) else None
+
+
 def _rows(runs: dict) -> list[dict]:
     rows = []
     for key, rec in runs.items():
         nu, inference, cov, n = key.split("/")
-        after = rec.get("schedule") or {}
-        for t, (e, a, p) in enumerate(zip(rec["elbo"], rec["angle"], rec["principal_angle"])):
-            rows.append(dict(nonlinearity=nu, inference=inference, covariance=cov, n=int(n[2:]),
-                             trial=t, elbo=e, angle=a, principal_angle=p,
-                             schedule_elbo=(after.get("elbo") or [None] * (t + 1))[t],
-                             schedule_angle=(after.get("angle") or [None] * (t + 1))[t],
-                             gradient_max=(rec.get("gradient_max") or [None] * (t + 1))[t]))
+        after, truth = rec.get("schedule") or {}, rec.get("truth") or {}
+        for t in range(len(rec["elbo"])):
+            row = dict(nonlinearity=nu, inference=inference, covariance=cov, n=int(n[2:]), trial=t,
+                       schedule_elbo=_at(after.get("elbo"), t), schedule_angle=_at(after.get("angle"), t),
+                       gradient_max=_at(rec.get("gradient_max"), t),
+                       truth_elbo_at_truth=_at((truth.get("at_truth") or {}).get("elbo"), t),
+                       truth_angle_at_truth=_at((truth.get("at_truth") or {}).get("angle"), t),
+                       true_decoder_axes=_at(truth.get("true_decoder_axes"), t),
+                       truth_start_elbo=_at(truth.get("elbo"), t), truth_start_angle=_at(truth.get("angle"), t))
+            row.update({k: _at(rec.get(k), t) for k in RUN_FIELDS})
+            rows.append(row)
     return rows
+
+
+def _minus(value, top: Optional[dict]):
+    return None if value is None or top is None else value - top["elbo"]
 
 
 def flatten(runs: dict) -> list[dict]:
@@ -381,7 +490,9 @@ def flatten(runs: dict) -> list[dict]:
     full Σ) reached on the same data set with the same ν and inference (None if it diverged),
     ``schedule_gap`` the same where the step-size schedule ended (before any refinement),
     ``best_of_kind``: whether it is the best run of its Σ on that data set, and ``angle_to_best``:
-    its angle minus that best run's angle (modulo signed permutations).
+    its angle minus that best run's angle (modulo signed permutations); rows of a setting that ran
+    :func:`truth_start` carry ``truth_gap`` (the true decoder with its fitted encoder) and
+    ``truth_start_gap`` (where L-BFGS from there stopped) against the same best.
 
     The full-Σ family contains the diagonal one and has no preferred axes, so its best run marks
     the optimum: a mean-field run that aligned with the true axes (orthogonal W, identity ν) gets
@@ -397,9 +508,10 @@ def flatten(runs: dict) -> list[dict]:
     for r in rows:
         data_set = (r["nonlinearity"], r["inference"], r["trial"])
         top, own = best.get(data_set), best.get(data_set + (r["covariance"],))
-        r["gap"] = None if r["elbo"] is None else r["elbo"] - top["elbo"]
-        r["schedule_gap"] = (None if r["schedule_elbo"] is None or top is None
-                             else r["schedule_elbo"] - top["elbo"])
+        r["gap"] = _minus(r["elbo"], top)
+        r["schedule_gap"] = _minus(r["schedule_elbo"], top)
+        r["truth_gap"] = _minus(r["truth_elbo_at_truth"], top)
+        r["truth_start_gap"] = _minus(r["truth_start_elbo"], top)
         r["best_of_kind"] = r["elbo"] is not None and r is own
         r["angle_to_best"] = (None if r["angle"] is None or own is None
                               else wrap_angle(r["angle"] - own["angle"]))
@@ -412,11 +524,31 @@ def _abs_stats(row: dict, name: str, values: list) -> None:
     row[f"{name}_max_abs"] = float(np.max(a)) if a.size else float("nan")
 
 
+def _median(values: list) -> float:
+    a = [v for v in values if v is not None]
+    return float(np.median(a)) if a else float("nan")
+
+
+def _reference_stats(row: dict, ok: list[dict], near: list[dict]) -> None:
+    """The decoder of the near-best runs, and the runs started at the true model."""
+    _abs_stats(row, "near_best_decoder_angle", [r["decoder_angle"] for r in near])
+    sv = [r["decoder_singular_values"] for r in near if r["decoder_singular_values"] is not None]
+    row["near_best_decoder_singular_values_median"] = [_median([v[i] for v in sv]) for i in (0, 1)]
+    truth = [r for r in ok if r["truth_gap"] is not None]
+    row["truth_data_sets"] = len(truth)
+    row["truth_gap_median"] = _median([r["truth_gap"] for r in truth])
+    row["truth_start_gap_median"] = _median([r["truth_start_gap"] for r in truth])
+    _abs_stats(row, "true_decoder_axes", [r["true_decoder_axes"] for r in truth])
+    _abs_stats(row, "truth_start_angle", [r["truth_start_angle"] for r in truth])
+
+
 def summarise(rows: list[dict], tolerance: float) -> list[dict]:
     """Per (ν, inference, Σ): |angle| of its best run on each data set, and of its runs within
     ``tolerance`` nats/point of the best run of any Σ on that data set (diagonal Σ should sit
     near 0°, full Σ should not); ``near_best_angle_to_best``: how far the other near-best runs
-    sit from the best run of their Σ on the same data (a unique solution: ≈ 0)."""
+    sit from the best run of their Σ on the same data (a unique solution: ≈ 0); the decoder's
+    angle and singular values of W⁻¹A of the near-best runs, and the runs started at the truth
+    (:func:`_reference_stats`)."""
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["nonlinearity"], r["inference"], r["covariance"]), []).append(r)
@@ -436,8 +568,24 @@ def summarise(rows: list[dict], tolerance: float) -> list[dict]:
                 _abs_stats(row, f"{name}_{k}", [r[k] for r in sel])
         _abs_stats(row, "near_best_angle_to_best", [r["angle_to_best"] for r in near
                                                     if not r["best_of_kind"]])
+        _reference_stats(row, ok, near)
         out.append(row)
     return out
+
+
+def _truth_markers(ax, rows: list[dict], colour: str, cov: str) -> None:
+    """The reference runs: the true decoder with its fitted encoder (triangles), and where
+    L-BFGS from there stopped (crosses)."""
+    at = [(r["truth_gap"], r["truth_angle_at_truth"]) for r in rows
+          if r["truth_gap"] is not None and r["truth_angle_at_truth"] is not None]
+    end = [(r["truth_start_gap"], r["truth_start_angle"]) for r in rows
+           if r["truth_start_gap"] is not None and r["truth_start_angle"] is not None]
+    if at:
+        ax.scatter(*zip(*at), s=16, marker="^", facecolors="none", edgecolors=colour, linewidths=0.8,
+                   label=f"{cov} Σ, true decoder")
+    if end:
+        ax.scatter(*zip(*end), s=16, marker="x", color=colour, linewidths=0.8,
+                   label=f"{cov} Σ, converged from the truth")
 
 
 def _panel(ax, rows: list[dict], angle_key: str) -> None:
@@ -454,6 +602,8 @@ def _panel(ax, rows: list[dict], angle_key: str) -> None:
         if end:
             ax.scatter(*zip(*end), s=9, alpha=0.8, color=colour, label=f"{cov} Σ, converged"
                        if start else f"{cov} Σ")
+        if angle_key == "angle":
+            _truth_markers(ax, mine, colour, cov)
     ax.set_xscale("symlog", linthresh=1e-4)
     ax.set_ylim(-46, 46)
 
@@ -474,6 +624,18 @@ def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: 
     return plotting.save(fig, path)
 
 
+def _run_setting(s: Setting, training: Training, grid: dict, args) -> dict:
+    """One setting's trials; the reference runs at the truth go with the grid's smallest n."""
+    T = trials_for(s.steps_per_stage, grid, args.quick)
+    progress = Progress(s.key, training.stages * s.steps_per_stage + (
+        training.refine_iterations if training.refine == "lbfgs" else 0))
+    seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
+    reference = training.reference == "truth" and s.steps_per_stage == min(grid["steps"])
+    rec = run_trials(seeds, s, training, device=args.device, progress=progress, reference=reference)
+    rec["seconds"] = progress.elapsed()
+    return rec
+
+
 def run(args) -> int:
     training, grid = _config(args)
     config = {"training": asdict(training), "grid": grid, "quick": bool(args.quick)}
@@ -489,16 +651,11 @@ def run(args) -> int:
         if s.key in results:
             log(f"[{i}/{len(settings)}] {s.key}: done already, skipped")
             continue
-        T = trials_for(s.steps_per_stage, grid, args.quick)
-        progress = Progress(s.key, training.stages * s.steps_per_stage + (
-            training.refine_iterations if training.refine == "lbfgs" else 0))
-        seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
-        rec = run_trials(seeds, s, training, device=args.device, progress=progress)
-        rec["seconds"] = progress.elapsed()
+        rec = _run_setting(s, training, grid, args)
         results.put(s.key, rec)
         elbo = np.array([e if e is not None else np.nan for e in rec["elbo"]])
         ang = np.abs(np.array([a if a is not None else np.nan for a in rec["angle"]]))
-        log(f"[{i}/{len(settings)}] {s.key}: {T} trials in {rec['seconds']:.1f} s, "
+        log(f"[{i}/{len(settings)}] {s.key}: {len(elbo)} trials in {rec['seconds']:.1f} s, "
             f"ELBO max {np.nanmax(elbo):.4f} median {np.nanmedian(elbo):.4f}, "
             f"|angle| median {np.nanmedian(ang):.1f}°")
     keys = {s.key for s in settings}
@@ -506,6 +663,7 @@ def run(args) -> int:
     summary = summarise(rows, args.tolerance)
     results.put_summary(summary)
     _print_summary(summary, training.mixing)
+    _print_reference(summary)
     figures = [_figure(rows, grid["nonlinearities"], grid["inference"], "angle",
                        "angle between true and inferred latents", args.out / "identifiability.png")]
     if training.mixing == "gaussian":
@@ -535,3 +693,17 @@ def _print_summary(rows: list[dict], mixing: str) -> None:
         for sel, k in cols:
             line += f" {r[f'{sel}_{k}_median_abs']:16.1f} {r[f'{sel}_{k}_max_abs']:6.1f}"
         log(line)
+
+
+def _print_reference(rows: list[dict]) -> None:
+    log("\nwhere the optimum lies: θ_A = the near-best runs' decoder angle (A ≈ W·Q), s = singular values "
+        "of W⁻¹A (1, 1 if A = W·Q); runs started at the truth: the true decoder's ELBO gap (its encoder "
+        "fitted), its own mean-field axes ψ (amortised), and where L-BFGS from there stopped")
+    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'θ_A med':>8s} {'s med':>12s} {'truth gap':>10s} "
+        f"{'|ψ| med':>8s} {'from truth: gap':>16s} {'|θ| med':>8s}")
+    for r in rows:
+        s1, s2 = r["near_best_decoder_singular_values_median"]
+        log(f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} "
+            f"{r['near_best_decoder_angle_median_abs']:8.1f} {s1:6.3f},{s2:5.3f} "
+            f"{r['truth_gap_median']:10.4f} {r['true_decoder_axes_median_abs']:8.1f} "
+            f"{r['truth_start_gap_median']:16.2e} {r['truth_start_angle_median_abs']:8.1f}")

@@ -1,0 +1,108 @@
+"""Identifiability experiment (App. C): the decoder's angle, the aligned mixing, and the reference
+runs started at the true model (float64 throughout)."""
+import math
+
+import pytest
+import torch
+
+from fastjac.experiments import identifiability as ident
+from fastjac.experiments.procrustes import latent_angle, rotation, rotation_angle
+
+DEG = math.pi / 180
+
+
+def _data(nu, mixing, inference="amortised", covariance="diagonal", points=200, trials=3, seed=0):
+    s = ident.Setting(nu, inference, covariance, 5)
+    training = ident.Training(num_points=points, mixing=mixing, seed=seed, refine_iterations=2000)
+    seeds = [ident.trial_seeds(seed, s, t) for t in range(trials)]
+    return s, training, seeds
+
+
+@pytest.mark.parametrize("theta", [-44.0, -30.0, -7.5, 0.0, 12.0, 45.0])
+def test_decoder_angle_recovers_the_rotation_under_any_signed_permutation(theta):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(4, 2, 2, generator=g, dtype=torch.float64)
+    Q = rotation(torch.tensor(theta * DEG, dtype=torch.float64))
+    for P in ([[1., 0.], [0., 1.]], [[0., 1.], [1., 0.]], [[-1., 0.], [0., 1.]], [[0., -1.], [1., 0.]]):
+        got = ident.decoder_angle(W @ Q @ torch.tensor(P, dtype=torch.float64), W)
+        torch.testing.assert_close(got, torch.full((4,), theta, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_decoder_angle_equals_the_encoder_means_angle_when_latents_are_turned():
+    """A model whose latents are m = Qᵀz and whose decoder is A = W·Q: both measures give Q's angle."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(2, 2, 2, generator=g, dtype=torch.float64)
+    Z = torch.randn(2, 500, 2, generator=g, dtype=torch.float64)
+    Q = rotation(torch.tensor([17.0 * DEG, -33.0 * DEG], dtype=torch.float64))
+    M = Z @ Q                                                         # rows: mᵀ = zᵀQ
+    torch.testing.assert_close(latent_angle(Z, M), ident.decoder_angle(W @ Q, W), atol=1e-9, rtol=0)
+
+
+def test_aligned_mixing_is_a_signed_permutation_times_diag_2_1():
+    s, training, seeds = _data("tanh", "aligned", trials=12)
+    data, _, _ = ident.simulate(seeds, s, training)
+    W = data.W
+    torch.testing.assert_close(W.norm(dim=1), torch.tensor([[2.0, 1.0]] * 12, dtype=torch.float64))
+    assert bool(((W != 0).sum(-1) == 1).all()) and bool(((W != 0).sum(-2) == 1).all())
+    assert len({tuple(w.flatten().tolist()) for w in W}) > 1        # the permutation and signs vary
+
+
+@pytest.mark.parametrize("mixing", ["orthogonal", "gaussian"])
+def test_true_decoder_axes_of_a_linear_model_are_the_right_singular_vectors_of_W(mixing):
+    """ν = identity: the best Σ at the true decoder is (I + WᵀW/σ²)⁻¹ whatever the data, so its
+    eigenvectors are W's right singular vectors (the true axes when W's columns are orthogonal)."""
+    s, training, seeds = _data("identity", mixing)
+    data, params, fixed = ident.simulate(seeds, s, training)
+    start = ident._fit_encoder(ident._truth_parameters(data, params, fixed), fixed, data.X, s, training,
+                               "diagonal")
+    got = ident.true_decoder_axes(data, start, fixed, s, training)
+    want = rotation_angle(torch.linalg.svd(data.W).Vh.mT)
+    diff = 45.0 - torch.remainder(45.0 - (got - want), 90.0)        # modulo signed permutations
+    torch.testing.assert_close(diff, torch.zeros_like(got), atol=1e-3, rtol=0)
+    if mixing == "orthogonal":
+        assert float(got.abs().max()) < 1e-3
+
+
+def test_identity_runs_started_at_the_truth_reach_the_random_starts_optimum():
+    """ν = identity, orthogonal W: the truth is where the mean-field optimum lies; L-BFGS from the
+    true model and from random starts end at the same ELBO and the same axes."""
+    s, training, seeds = _data("identity", "orthogonal", points=120, trials=2)
+    rec = ident.run_trials(seeds, s, training, reference=True)
+    truth = rec["truth"]
+    for t in range(len(seeds)):
+        assert truth["elbo"][t] == pytest.approx(rec["elbo"][t], abs=1e-8)
+        assert ident.wrap_angle(truth["angle"][t] - rec["angle"][t]) == pytest.approx(0.0, abs=0.05)
+        assert truth["at_truth"]["elbo"][t] <= truth["elbo"][t] + 1e-12
+        # the true model is optimal up to the fit to 120 samples: a gap of order (parameters)/(2N)
+        assert rec["elbo"][t] - truth["at_truth"]["elbo"][t] < 0.05
+        assert rec["decoder_singular_values"][t] == pytest.approx([1.0, 1.0], abs=0.2)  # 120 points
+
+
+def test_tanh_amortised_optimum_is_not_the_true_decoder():
+    """ν = tanh, amortised (linear encoder, one Σ): L-BFGS leaves the true model for a decoder that is
+    not W·Q (W⁻¹A far from orthogonal) and an ELBO clearly above the true decoder's."""
+    s, training, seeds = _data("tanh", "orthogonal", trials=2)
+    rec = ident.run_trials(seeds, s, training, reference=True)
+    truth = rec["truth"]
+    for t in range(2):
+        assert truth["elbo"][t] - truth["at_truth"]["elbo"][t] > 0.1
+        assert truth["elbo"][t] == pytest.approx(rec["elbo"][t], abs=1e-6)
+        assert min(truth["decoder_singular_values"][t]) < 0.75
+        assert truth["true_decoder_axes"][t] is not None
+
+
+def test_flatten_measures_the_reference_runs_against_the_best_run_of_the_data_set():
+    rec = {"elbo": [-1.0], "angle": [3.0], "principal_angle": [3.0], "decoder_angle": [2.0],
+           "decoder_singular_values": [[1.0, 0.9]],
+           "truth": {"at_truth": {"elbo": [-1.5], "angle": [0.5]}, "true_decoder_axes": [4.0],
+                     "elbo": [-1.0], "angle": [3.0]}}
+    other = {"elbo": [-0.9], "angle": [30.0], "principal_angle": [30.0]}     # an old file: no decoder
+    rows = ident.flatten({"tanh/amortised/diagonal/n=5": rec, "tanh/amortised/full/n=5": other})
+    diag = next(r for r in rows if r["covariance"] == "diagonal")
+    assert diag["truth_gap"] == pytest.approx(-0.6) and diag["truth_start_gap"] == pytest.approx(-0.1)
+    summary = ident.summarise(rows, tolerance=0.2)
+    d, f = (next(r for r in summary if r["covariance"] == c) for c in ("diagonal", "full"))
+    assert d["truth_data_sets"] == 1 and d["true_decoder_axes_median_abs"] == 4.0
+    assert d["near_best_decoder_angle_median_abs"] == 2.0
+    assert f["truth_data_sets"] == 0 and math.isnan(f["truth_gap_median"])
+    assert math.isnan(f["near_best_decoder_angle_median_abs"])
