@@ -15,7 +15,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ..jacobian import jacobian_columns
+from ..jacobian import columns_along, prepared
 from ..observations import observation_weights
 from ..ops import column_estimate, fischer_bound, orthogonality_penalty
 from .settings import Estimate, Settings, check_output
@@ -47,17 +47,21 @@ def off_block_pairs(d: int, block_size: int, device) -> Tensor:
 
 
 def _unit_directions(cols: Tensor, d: int, like: Tensor, keep: Tensor | None = None) -> Tensor:
-    """(B, n) column indices -> (B, d, n) unit directions e_cols (zero where ``keep`` is false)."""
+    """(B, n) column indices -> (B, d, n) unit directions e_cols (zero where ``keep`` is false):
+    a view of an (n, B, d) tensor, the tangents' own layout, so no copy is made of it later."""
     B, n = cols.shape
-    ones = torch.ones(B, 1, n, dtype=like.dtype, device=like.device) if keep is None else \
-        keep.to(like.dtype).unsqueeze(1)
-    return torch.zeros(B, d, n, dtype=like.dtype, device=like.device).scatter_(1, cols.unsqueeze(1), ones)
+    index = cols.t().unsqueeze(-1)
+    ones = 1.0 if keep is None else keep.to(like.dtype).t().unsqueeze(-1)
+    tangents = torch.zeros(n, B, d, dtype=like.dtype, device=like.device)
+    return tangents.scatter_(2, index, ones).permute(1, 2, 0)
 
 
 def _block_directions(blocks: Tensor, b: int, d: int, like: Tensor) -> Tensor:
     """(B, k) drawn block ids -> (B, d, k·b) unit directions of their columns (a short last block
     gets zero directions past d, which add log det 1 = 0)."""
     B, k = blocks.shape
+    if b == 1:
+        return _unit_directions(blocks, d, like)
     cols = (blocks.unsqueeze(-1) * b + torch.arange(b, device=blocks.device)).reshape(B, k * b)
     if d % b == 0:
         return _unit_directions(cols, d, like)
@@ -89,7 +93,8 @@ def stochastic(decoder, z, beta, obs, x, s: Settings) -> Estimate:
     directions = _block_directions(draw(blocks, (B, k), z, s.generator), b, d, z)
     if s.orthogonality_weight != 0:
         directions = torch.cat([directions, _pair_directions(B, b, d, z, s.generator)], -1)
-    out, J = jacobian_columns(decoder, z, directions=directions, chunk_size=s.chunk_size, output=s.output)
+    # the engine's core: z, the settings and these directions are checked already
+    out, J = columns_along(prepared(decoder), z, directions, chunk_size=s.chunk_size, output=s.output)
     check_output(out)
     w = observation_weights(obs, out, x)
     J_drawn = J[..., : k * b]

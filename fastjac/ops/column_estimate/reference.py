@@ -18,8 +18,11 @@ forward = column_norms  # the torch backend's n (B, k)
 
 
 def _log1p_ratio(n: Tensor, beta: Tensor) -> Tensor:
-    """log(1 + n/β), also where n/β overflows but n does not: then log n − log β (the
-    dropped log1p(β/n) is below the dtype's resolution)."""
+    """log(1 + n/β), also where n/β overflows but n does not. Narrower than float64: the ratio
+    in float64, where a finite float32 n over any positive float32 β cannot overflow (4 kernels).
+    float64: then log n − log β (the dropped log1p(β/n) is below the dtype's resolution)."""
+    if n.dtype != torch.float64:
+        return torch.log1p(n.double() / beta.double()).to(n.dtype)
     ratio = n / beta
     large = torch.isinf(ratio) & torch.isfinite(n)
     safe_n = torch.where(large, n, torch.ones_like(n))
