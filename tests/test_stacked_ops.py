@@ -56,6 +56,16 @@ def _group_norm_channels_last():
     return lambda x: F.group_norm(x.permute(0, 3, 1, 2), 2, w, None), (3, 3, 4), [w]
 
 
+def _group_norm_bias_only():
+    """No weight, a bias (native_group_norm's statistics outputs fail in backward here)."""
+    b = param(4)
+    return lambda x: F.group_norm(x, 2, None, b), (4, 6), [b]
+
+
+def _layer_norm_plain():
+    return lambda x: F.layer_norm(x, (4,)), (3, 4), []
+
+
 def _layer_norm():
     w, b = param(3, 4, positive=True), param(3, 4)
     return lambda x: F.layer_norm(x, (3, 4), w, b), (2, 3, 4), [w, b]
@@ -170,6 +180,7 @@ def _dropout_eval():
 CASES = {
     "conv2d": _conv, "conv_transpose2d": _conv_transpose, "linear": _linear, "conv1d_reflect": _conv1d_reflect,
     "group_norm": _group_norm, "group_norm_channels_last": _group_norm_channels_last, "layer_norm": _layer_norm,
+    "group_norm_bias_only": _group_norm_bias_only, "layer_norm_plain": _layer_norm_plain,
     "instance_norm": _instance_norm, "batch_norm_eval": _batch_norm_eval,
     **{f"act_{n}": _activation(fn) for n, fn in ACTIVATIONS.items()},
     "arithmetic": _arithmetic, "per_sample_constants": _per_sample_constants, "matmul_softmax": _matmul_softmax,

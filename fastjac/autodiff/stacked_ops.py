@@ -51,21 +51,26 @@ class Unsupported(Exception):
 
 
 class _Pass:
-    """One stacked evaluation: B primal rows, then k blocks of B tangent rows."""
-    __slots__ = ("B", "k")
+    """One stacked evaluation: B primal rows, then k blocks of B tangent rows.
+
+    Rules see the tangent rows as blocks (k, B, …) that broadcast against the primal rows (B, …),
+    and for k = 1 as (B, …) itself (no broadcasting: its backward would add a reduction per op)."""
+    __slots__ = ("B", "k", "lead")
 
     def __init__(self, B: int, k: int):
-        self.B, self.k = B, k
+        self.B, self.k, self.lead = B, k, ((k,) if k > 1 else ())
 
     def split(self, X: Tensor) -> tuple:
-        """(primal rows (B, …), tangent rows as blocks (k, B, …))."""
+        """(primal rows (B, …), tangent blocks (k, B, …), or (B, …) for k = 1)."""
         if not isinstance(X, Tensor) or X.dim() == 0 or X.shape[0] != (1 + self.k) * self.B:
             raise Unsupported("expected a stacked tensor")
-        return X[:self.B], X[self.B:].reshape(self.k, self.B, *X.shape[1:])
+        P, T = torch.split(X, [self.B, self.k * self.B])  # backward: one cat (slicing zero-fills)
+        return P, T.reshape(*self.lead, self.B, *X.shape[1:])
 
     def join(self, P: Tensor, T: Tensor) -> Tensor:
-        """[P; T] for primal rows P (B, …) and tangent blocks T (k, B, …)."""
-        T = T.expand(self.k, *P.shape) if T.shape[1:] != P.shape else T
+        """[P; T] for primal rows P (B, …) and tangent blocks T as :meth:`split` gives them."""
+        shape = (*self.lead, *P.shape)
+        T = T.expand(shape) if T.shape != shape else T
         return torch.cat([P, T.reshape(self.k * self.B, *P.shape[1:]).to(P.dtype)])
 
 
@@ -133,7 +138,7 @@ def unstack(out) -> tuple:
     ctx = out._fj
     with DisableTorchFunctionSubclass():
         P, T = ctx.split(out)
-        return P.as_subclass(Tensor), T.as_subclass(Tensor)
+        return P.as_subclass(Tensor), T.reshape(ctx.k, *P.shape).as_subclass(Tensor)
 
 
 # --- metadata reads: answered from the stacked tensor itself (its batch is (1 + k)·B) -----------
@@ -551,17 +556,17 @@ def _softmax(ctx, X, dim=None, _stacklevel=3, dtype=None):
     P, T = ctx.split(X if dtype is None else X.to(dtype))
     y = torch.softmax(P, dim)
     if ctx.k == 1:  # torch's fused JVP kernel y ⊙ (t − Σ y ⊙ t), twice differentiable
-        return ctx.join(y, aten._softmax_backward_data(T[0], y, dim, y.dtype).unsqueeze(0))
+        return ctx.join(y, aten._softmax_backward_data(T, y, dim, y.dtype))
     return ctx.join(y, y * (T - (y * T).sum(dim, keepdim=True)))
 
 
 # --- normalisation: the primal by torch's fused kernel, the tangent in closed form ---------------
 
-def _standardised_tangent(T: Tensor, xhat: Tensor, rstd: Tensor, dims: tuple) -> Tensor:
-    """d x̂ = r (t − mean t − x̂ mean(x̂ t)) over ``dims`` (negative), for x̂ = (x − μ) r."""
-    mean_t = T.mean(dims, keepdim=True)
-    along = (xhat * T).mean(dims, keepdim=True)
-    return (T - mean_t - xhat * along) * rstd
+def _centred_tangent(T: Tensor, centred: Tensor, rstd: Tensor, dims: tuple) -> Tensor:
+    """(d x̂)/r = t − mean t − (x − μ)·r²·mean((x − μ) t) over ``dims`` (negative), for x̂ = (x − μ)·r
+    (the caller scales by r, folded with the norm's weight)."""
+    along = (centred * T).mean(dims, keepdim=True) * rstd.square()
+    return torch.addcmul(T - T.mean(dims, keepdim=True), centred, along, value=-1)
 
 
 def _work(P: Tensor, T: Tensor) -> tuple:
@@ -573,16 +578,18 @@ def _work(P: Tensor, T: Tensor) -> tuple:
 
 
 def _grouped_norm(ctx: _Pass, X: Tensor, groups: int, weight, bias, eps: float) -> Tensor:
-    """group_norm (and instance norm, groups = channels) of the stack."""
+    """group_norm (and instance norm, groups = channels) of the stack. The statistics come from
+    var_mean, not from native_group_norm's mean/rstd outputs (whose backward fails without a weight)."""
     P, T, dtype = _work(*ctx.split(X))
     B, C = P.shape[:2]
-    y, mean, rstd = torch.native_group_norm(P.contiguous(), weight, bias, B, C, P[0, 0].numel(), groups, eps)
+    y = F.group_norm(P, groups, weight, bias, eps)
     grouped = P.reshape(B, groups, -1)
-    xhat = (grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    tangent = _standardised_tangent(T.reshape(ctx.k, B, groups, -1), xhat, rstd.unsqueeze(-1), (-1,))
-    tangent = tangent.reshape(T.shape)
-    if weight is not None:
-        tangent = tangent * weight.reshape((-1,) + (1,) * (P.dim() - 2))
+    var, mean = torch.var_mean(grouped, -1, unbiased=False, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    tangent = _centred_tangent(T.reshape(*ctx.lead, B, groups, -1), grouped - mean, rstd, (-1,))
+    scale = rstd.expand(B, groups, C // groups).reshape(B, C)  # r per channel, times the weight
+    scale = scale if weight is None else scale * weight
+    tangent = tangent.reshape(T.shape) * scale.reshape(B, C, *(1,) * (P.dim() - 2))
     return ctx.join(y.to(dtype), tangent.to(dtype))
 
 
@@ -603,7 +610,7 @@ def _layer_norm(ctx, X, normalized_shape, weight=None, bias=None, eps=1e-5):
     y = F.layer_norm(P, normalized_shape, weight, bias, eps)
     var, mean = torch.var_mean(P, dims, unbiased=False, keepdim=True)  # (native_layer_norm's own
     rstd = torch.rsqrt(var + eps)  # mean and rstd outputs carry no gradient)
-    tangent = _standardised_tangent(T, (P - mean) * rstd, rstd, dims)
+    tangent = _centred_tangent(T, P - mean, rstd, dims) * rstd
     tangent = tangent if weight is None else tangent * weight
     return ctx.join(y.to(dtype), tangent.to(dtype))
 
