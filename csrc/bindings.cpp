@@ -42,9 +42,9 @@ template <class T> T* ptr(int64_t address) { return reinterpret_cast<T*>(address
 
 // Host: L holds the Gram matrices (J must be absent); device: the kernel computes them from J.
 // beta is an address in host memory (beta_on_host; read here, passed to the kernel by value) or
-// in device memory (read by the kernel).
+// in device memory (read by the kernel). diag (B, d) receives diag M unless it is 0.
 void factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided w, int64_t beta,
-            bool beta_on_host, int block_size, int64_t L, int64_t logdet) {
+            bool beta_on_host, int block_size, int64_t L, int64_t logdet, int64_t diag) {
   const Problem p = problem(B, D, d, J, w);
   if (t.device < 0 && p.J.ptr != 0)
     throw std::invalid_argument("fastjac._C.factor: the host path reads the Gram matrices from L; pass no J");
@@ -54,10 +54,11 @@ void factor(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, Strided
     if (t.device >= 0) {
       fastjac::Scalar<T> b;
       if (beta_on_host) b.value = *ptr<T>(beta); else b.device = ptr<T>(beta);
-      fastjac::cuda::factor<T>(p, b, block_size, ptr<T>(L), ptr<T>(logdet), t.device, t.stream);
+      fastjac::cuda::factor<T>(p, b, block_size, ptr<T>(L), ptr<T>(logdet), ptr<T>(diag), t.device, t.stream);
     } else {
       if (!beta_on_host) throw std::invalid_argument("fastjac._C.factor: the host path needs beta in host memory");
-      fastjac::host::factor<T>(B, d, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), t.threads);
+      fastjac::host::factor<T>(B, d, ptr<T>(beta), block_size, ptr<T>(L), ptr<T>(logdet), ptr<T>(diag),
+                               t.threads);
     }
   });
 }
@@ -93,10 +94,11 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int64_t, int>(), py::arg("device"), py::arg("stream"), py::arg("threads"));
   m.attr("has_cuda") = fastjac::cuda::built();
   m.def("factor", &factor,
-        "L = chol(I + mask*G/beta) and log det (NaN where it failed); G from J on CUDA, in L on the host",
+        "L = chol(I + mask*G/beta), log det (NaN where it failed) and diag(I + mask*G/beta) unless diag is 0; "
+        "G from J on CUDA, in L on the host",
         py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
         py::arg("w"), py::arg("beta"), py::arg("beta_on_host"), py::arg("block_size"), py::arg("L"),
-        py::arg("logdet"));
+        py::arg("logdet"), py::arg("diag") = 0);
   m.def("inverse", &inverse, "M^-1 = (L L^T)^-1", py::arg("dtype"), py::arg("target"),
         py::arg("B"), py::arg("d"), py::arg("block_size"), py::arg("L"), py::arg("out"));
   m.def("gram_backward", &gram_backward, "grad_J = 2 W J Gamma, grad_w = rowsum(J Gamma * J) (CUDA)",

@@ -8,6 +8,9 @@ from hypothesis import given, settings, strategies as st
 
 import fastjac
 from fastjac.ops import _dispatch
+from fastjac.ops.logdet_gram import reference as logdet_reference
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from utils import assert_close
 
 OPERATORS_WITH_BETA = ("logdet_gram", "fischer_bound", "hadamard_bound")
@@ -304,3 +307,75 @@ def test_operators_accumulate_in_float32_under_autocast():
     assert out.dtype == torch.float32 and ortho.dtype == torch.float32
     assert_close("autocast logdet", ref, out.double(), rtol=1e-5)
     assert_close("autocast orthogonality", fastjac.orthogonality_penalty(J.double()), ortho.double(), rtol=1e-4)
+
+
+# ---- J is read once: the float32 error check reads diag M, not J ----------------------------
+def _cpu_backend(name):
+    """A logdet_gram backend that runs on CPU float32 here (triton: under the interpreter), or a skip."""
+    reason = _dispatch.availability()[name] or _dispatch.implementation("logdet_gram", name).supports(
+        device_type="cpu", dtype=torch.float32, B=3, D=40, d=70)
+    return pytest.param(name, marks=[pytest.mark.skip(reason=reason)] if reason else [], id=name)
+
+
+CPU_BACKENDS = [_cpu_backend(b) for b in ("torch", "cpp", "triton")]
+FACTORISED = {
+    "logdet_gram": lambda J, w, backend: fastjac.logdet_gram(J, 0.5, weights=w, backend=backend),
+    "fischer_bound": lambda J, w, backend: fastjac.fischer_bound(J, 0.5, block_size=2, weights=w, backend=backend),
+    "optimal_posterior_covariance": lambda J, w, backend: fastjac.optimal_posterior_covariance(
+        J, 0.5, weights=w, backend=backend),
+}
+
+
+class ReadsOf(TorchDispatchMode):
+    """The torch ops that read a tensor's storage, in order (views read nothing and are left out).
+    A custom op is one entry: ``fastjac::logdet_gram`` is the backend's factorisation."""
+
+    def __init__(self, tensor):
+        super().__init__()
+        self.storage, self.ops = tensor.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = pytree.tree_leaves((args, kwargs))
+        if not func.is_view and any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == self.storage
+                                    for t in leaves):
+            self.ops.append(str(func.overloadpacket._qualified_op_name).replace("::", "."))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", sorted(FACTORISED))
+def test_float32_error_check_reads_no_J(op, backend, weighted):
+    """With value checks on, a float32 log det / Fischer bound / Σ* reads J in two places only:
+    the finite check (one aminmax) and the factorisation, which returns diag M for the float32
+    error estimate (docs/maths.md#numerical-error-and-tolerances); before, the estimate read J a
+    third time (the column norms). With checks off only the factorisation reads it."""
+    J, w = random_J(3, 40, 6, seed=4).float(), random_w(3, 40).float() if weighted else None
+    with ReadsOf(J) as reads:
+        FACTORISED[op](J, w, backend)
+    assert reads.ops == ["aten.aminmax", "fastjac.logdet_gram"], reads.ops
+    with fastjac.checks(False), ReadsOf(J) as reads:
+        FACTORISED[op](J, w, backend)
+    assert reads.ops == ["fastjac.logdet_gram"], reads.ops
+
+
+def test_torch_factorisation_reads_J_once():
+    """Inside the op, the torch backend reads J in one product (the Gram), and diag M comes from it."""
+    J = random_J(3, 40, 6, seed=5).float()
+    with ReadsOf(J) as reads:
+        logdet_reference.forward(J, None, torch.tensor(0.5), 6)
+    assert reads.ops == ["aten.bmm"], reads.ops
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d,block_size", [(1, 1), (7, 3), (16, 16), (40, 40), (70, 70)])
+def test_factorisation_returns_diag_M(backend, d, block_size):
+    """The third output of fastjac::logdet_gram is diag M = 1 + ‖J_w e_i‖²/β (the error estimate
+    trusts it), in every backend: register and blocked Triton solvers, Fischer blocks."""
+    J, w = random_J(2, 30, d, seed=d, scale=0.3).float(), random_w(2, 30).float()
+    J.requires_grad_()
+    logdet, m_inv, m_diag = torch.ops.fastjac.logdet_gram(J, w, torch.tensor(0.7), block_size, backend)
+    want = 1 + (w.double().unsqueeze(-1) * J.detach().double() ** 2).sum(1) / 0.7
+    assert m_diag.shape == (2, d) and m_diag.dtype == torch.float32
+    assert_close("diag M", want, m_diag, rtol=1e-5)
+    assert logdet.requires_grad and not m_diag.requires_grad  # for the check only: not differentiable

@@ -391,10 +391,13 @@ def test_logdet_launches(schedule, d, monkeypatch):
     J, w = J.float().to(DEVICE), w.float().to(DEVICE)
     beta = torch.tensor(0.7, device=DEVICE)
     with _Launches(monkeypatch) as count:
-        logdet_value, m_inv = logdet_triton.forward(J, w, beta, d)
+        logdet_value, m_inv, m_diag = logdet_triton.forward(J, w, beta, d)
     print(f"forward {schedule} d={d}: {count.total} launches {count.triton + count.torch}")
     assert count.total <= (1 if schedule == "fused" else 3), (count.triton, count.torch)
     assert count.triton[-1] == "_solve_kernel" and "cholesky" not in " ".join(count.torch)
+    # the solver also wrote diag M (for the float32 error estimate: no further pass over J)
+    J64, w64 = J.cpu().double(), w.cpu().double()
+    assert_close("diag M", 1 + (w64[..., None] * J64 ** 2).sum(1) / 0.7, m_diag.cpu(), rtol=RTOL[torch.float32])
     grad = torch.ones(1, device=DEVICE)
     with _Launches(monkeypatch) as count:
         grads = logdet_reference.backward(J, w, beta, m_inv, grad, None, (True, True, False),

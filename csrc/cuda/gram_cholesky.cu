@@ -53,7 +53,7 @@ void reserve_shared(K kernel, size_t bytes, int device) {
 }
 
 template <class T>
-__global__ void factor_kernel(Problem p, Scalar<T> beta, int bs, T* L, T* logdet) {
+__global__ void factor_kernel(Problem p, Scalar<T> beta, int bs, T* L, T* logdet, T* diag) {
   extern __shared__ unsigned char smem[];
   const int d = p.d;
   const int64_t ld = d + 1;
@@ -81,6 +81,7 @@ __global__ void factor_kernel(Problem p, Scalar<T> beta, int bs, T* L, T* logdet
   __syncthreads();
   const BlockLanes lanes;
   shift_scale_mask(a, ld, d, bs, T(1) / beta.get(), lanes);
+  copy_diagonal(a, ld, d, diag ? diag + b * d : nullptr, lanes);
   const int failed = cholesky(a, ld, d, bs, col, lanes);
   for (int64_t e = threadIdx.x; e < int64_t(d) * d; e += blockDim.x) out[e] = a[(e / d) * ld + e % d];
   if (threadIdx.x == 0) logdet[b] = failed ? T(NAN) : logdet_from_factor(a, ld, d);
@@ -128,12 +129,13 @@ __global__ void gram_backward_kernel(Problem p, const T* gamma, T* grad_J, T* gr
 bool built() { return true; }
 
 template <class T>
-void factor(const Problem& p, Scalar<T> beta, int bs, T* L, T* logdet, int device, int64_t stream) {
+void factor(const Problem& p, Scalar<T> beta, int bs, T* L, T* logdet, T* diag, int device, int64_t stream) {
   if (p.B == 0) return;
   DeviceGuard guard(device);
   const size_t bytes = sizeof(T) * (size_t(p.d) * (p.d + 1) + p.d);
   reserve_shared(factor_kernel<T>, bytes, device);
-  factor_kernel<T><<<unsigned(p.B), kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(p, beta, bs, L, logdet);
+  factor_kernel<T><<<unsigned(p.B), kThreads, bytes, reinterpret_cast<cudaStream_t>(stream)>>>(p, beta, bs, L, logdet,
+                                                                                               diag);
   check(cudaGetLastError(), "factor_kernel launch");
 }
 

@@ -17,7 +17,7 @@ namespace {
 }
 }  // namespace
 
-template <class T> void factor(const Problem&, Scalar<T>, int, T*, T*, int, int64_t) { missing(); }
+template <class T> void factor(const Problem&, Scalar<T>, int, T*, T*, T*, int, int64_t) { missing(); }
 template <class T> void inverse(int64_t, int, int, const T*, T*, int, int64_t) { missing(); }
 template <class T> void gram_backward(const Problem&, const T*, T*, T*, int, int64_t) { missing(); }
 

@@ -29,8 +29,9 @@ struct Problem {  // J (B, D, d) and the optional weights w (B, D)
 namespace host {
 // L holds the Gram matrices JᵀWJ (B, d, d; lower triangle read); overwritten by the lower Cholesky
 // factor of M = I + mask ⊙ G / β, with log det M in logdet (B,): NaN where the factorisation
-// failed (rounding broke positive definiteness, or non-finite input).
-template <class T> void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, int threads);
+// failed (rounding broke positive definiteness, or non-finite input), and diag M in diag (B, d)
+// unless diag is null.
+template <class T> void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, T* diag, int threads);
 // out = M⁻¹ = (L Lᵀ)⁻¹ (B, d, d), block-diagonal for bs < d.
 template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int threads);
 }  // namespace host
@@ -38,9 +39,11 @@ template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, in
 namespace cuda {
 bool built();
 // The device twins, on `device`, enqueued on `stream` (a cudaStream_t as an integer); nothing
-// synchronises; β is a kernel argument (no copy) when it lives on the host. factor computes the Gram matrices from p.J, p.w itself (fused); gram_backward
+// synchronises; β is a kernel argument (no copy) when it lives on the host. factor computes the Gram
+// matrices from p.J, p.w itself (fused) and writes diag M unless diag is null; gram_backward
 // writes grad_J = 2 W J Γ_b (B, D, d) and grad_w = rowsum((J Γ_b) ⊙ J) (B, D), either may be null.
-template <class T> void factor(const Problem& p, Scalar<T> beta, int bs, T* L, T* logdet, int device, int64_t stream);
+template <class T> void factor(const Problem& p, Scalar<T> beta, int bs, T* L, T* logdet, T* diag, int device,
+                               int64_t stream);
 template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int device, int64_t stream);
 template <class T> void gram_backward(const Problem& p, const T* gamma, T* grad_J, T* grad_w, int device,
                                       int64_t stream);
@@ -49,7 +52,7 @@ template <class T> void gram_backward(const Problem& p, const T* gamma, T* grad_
 // The device entry points' explicit instantiations, shared by cuda/gram_cholesky.cu and
 // cuda/stub.cpp (used inside namespace fastjac::cuda), so the two can never disagree on the signatures.
 #define FASTJAC_CUDA_INSTANTIATE(T)                                                                  \
-  template void factor<T>(const Problem&, Scalar<T>, int, T*, T*, int, int64_t);                   \
+  template void factor<T>(const Problem&, Scalar<T>, int, T*, T*, T*, int, int64_t);               \
   template void inverse<T>(int64_t, int, int, const T*, T*, int, int64_t);                         \
   template void gram_backward<T>(const Problem&, const T*, T*, T*, int, int64_t);
 

@@ -30,6 +30,15 @@ FASTJAC_HD void shift_scale_mask(T* a, int64_t ld, int d, int bs, T inv_beta, co
   lanes.sync();
 }
 
+// diag[i] = a[i][i] (diag may be null: nothing to do): M's diagonal, kept before the Cholesky
+// overwrites it (the float32 error estimate needs M_ii = 1 + ‖J_w e_i‖²/β).
+template <class T, class Lanes>
+FASTJAC_HD void copy_diagonal(const T* a, int64_t ld, int d, T* diag, const Lanes& lanes) {
+  if (diag == nullptr) return;
+  for (int i = lanes.id(); i < d; i += lanes.count()) diag[i] = a[i * ld + i];
+  lanes.sync();
+}
+
 // In-place lower Cholesky factor of the block-diagonal SPD matrix in a's lower triangle
 // (right-looking; col is d values of scratch). Returns 0, or j + 1 for the first column whose
 // pivot is not positive (rounding broke positive definiteness); every lane returns the same.

@@ -34,13 +34,14 @@ void parallel_for(int64_t n, double cost, int threads, F body) {
 }  // namespace
 
 template <class T>
-void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, int threads) {
+void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, T* diag, int threads) {
   const T inv_beta = T(1) / *beta;
   parallel_for(B, double(d) * d * d / 3, threads, [&](int64_t b0, int64_t b1) {
     std::vector<T> col(d);
     for (int64_t b = b0; b < b1; ++b) {
       T* a = L + b * int64_t(d) * d;
       shift_scale_mask(a, d, d, bs, inv_beta, SerialLanes{});
+      copy_diagonal(a, d, d, diag ? diag + b * d : nullptr, SerialLanes{});
       logdet[b] = cholesky(a, d, d, bs, col.data(), SerialLanes{}) == 0
                       ? logdet_from_factor(a, d, d)
                       : std::numeric_limits<T>::quiet_NaN();
@@ -62,7 +63,7 @@ void inverse(int64_t B, int d, int bs, const T* L, T* out, int threads) {
 }
 
 #define FASTJAC_INSTANTIATE(T)                                            \
-  template void factor<T>(int64_t, int, const T*, int, T*, T*, int);     \
+  template void factor<T>(int64_t, int, const T*, int, T*, T*, T*, int); \
   template void inverse<T>(int64_t, int, int, const T*, T*, int);
 FASTJAC_INSTANTIATE(float)
 FASTJAC_INSTANTIATE(double)

@@ -1,9 +1,9 @@
 """log det(I + J_wᵀJ_w/β) (exact GRAE regulariser), its Fischer block bound, and Σ* = M⁻¹.
 
 Public functions validate, pick a backend (``backend="auto"|"torch"|"triton"|"cpp"|"cuda"``)
-and call the custom op ``fastjac::logdet_gram``, which returns log det M and M⁻¹ from one
+and call the custom op ``fastjac::logdet_gram``, which returns log det M, M⁻¹ and diag M from one
 factorisation. A backend supplies only that factorisation (``forward(J, w, β, block_size) ->
-(log det, M⁻¹)``) and its one pass over J (``gram_backward``); the backward is the reference's
+(log det, M⁻¹, diag M)``) and its one pass over J (``gram_backward``); the backward is the reference's
 Γ formulas on the saved M⁻¹ (docs/maths.md#log-determinant-and-its-gradients), so no backend
 writes a gradient formula and none factorises again. Twice differentiable: under
 ``create_graph=True`` the backward re-factorises M with differentiable reference ops, so
@@ -11,7 +11,9 @@ writes a gradient formula and none factorises again. Twice differentiable: under
 
 float32 inputs are checked (with value checks on, the default) against the float32 error
 estimate of ``reference.logdet_accurate`` (docs/maths.md#numerical-error-and-tolerances): an
-answer whose estimated error exceeds 1e-2 raises a ValueError that suggests float64.
+answer whose estimated error exceeds 1e-2 raises a ValueError that suggests float64. The
+estimate needs diag M = 1 + ‖J_w e_i‖²/β, which the factorisation returns (the Gram matrix's
+diagonal, already in hand), so J is read once: by the Gram, never again for the check.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _dispatch
-from .._gram import accumulation_dtype, column_norms, gram_backward
+from .._gram import accumulation_dtype, gram_backward
 from .._operands import cast_grad, operands
 from ... import _validation as check
 from . import reference
@@ -32,26 +34,28 @@ _dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, gram
 
 @torch.library.custom_op("fastjac::logdet_gram", mutates_args=())
 def _logdet_gram_op(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int,
-                    backend: str) -> tuple[Tensor, Tensor]:
-    """(log det M (B,), M⁻¹ (B, d, d)), M = I + mask ⊙ JᵀWJ/β with blocks of ``block_size``."""
-    logdet, m_inv = _dispatch.implementation(OP, backend).forward(J, w, beta, block_size)
-    return logdet, m_inv.contiguous()  # the layout the fake promises
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(log det M (B,), M⁻¹ (B, d, d), diag M (B, d)), M = I + mask ⊙ JᵀWJ/β with blocks of
+    ``block_size``; diag M (not differentiable) feeds the float32 error estimate."""
+    logdet, m_inv, m_diag = _dispatch.implementation(OP, backend).forward(J, w, beta, block_size)
+    return logdet, m_inv.contiguous(), m_diag.contiguous()  # the layout the fake promises
 
 
 @_logdet_gram_op.register_fake
 def _(J, w, beta, block_size, backend):
     B, _, d = J.shape
     acc = accumulation_dtype(J.dtype)
-    return J.new_empty(B, dtype=acc), J.new_empty(B, d, d, dtype=acc)
+    return J.new_empty(B, dtype=acc), J.new_empty(B, d, d, dtype=acc), J.new_empty(B, d, dtype=acc)
 
 
 def _setup(ctx, inputs, output):
     J, w, beta, block_size, backend = inputs
     ctx.save_for_backward(J, w, beta, output[1])
     ctx.block_size, ctx.backend = block_size, backend
+    ctx.mark_non_differentiable(output[2])  # diag M: for the error estimate only
 
 
-def _backward(ctx, grad_logdet, grad_m_inv):
+def _backward(ctx, grad_logdet, grad_m_inv, _grad_m_diag):
     J, w, beta, m_inv = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable M⁻¹ makes this differentiable
         m_inv = reference.forward(J, w, beta, ctx.block_size)[1]
@@ -67,13 +71,13 @@ _logdet_gram_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _factorised(J, beta, weights, block_size: Optional[int], backend: str):
-    """Checked operands, then (log det, M⁻¹, J, w, β) from the resolved backend."""
+    """Checked operands, then (log det, M⁻¹, diag M) from the resolved backend, and D."""
     J, w, beta = operands(J, beta, weights)
     B, D, d = J.shape
     block_size = d if block_size is None else min(block_size, d)
     name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=d)
-    logdet, m_inv = torch.ops.fastjac.logdet_gram(J, w, beta, block_size, name)
-    return logdet, m_inv, J, w, beta
+    logdet, m_inv, m_diag = torch.ops.fastjac.logdet_gram(J, w, beta, block_size, name)
+    return logdet, m_inv, m_diag, D
 
 
 def _too_inaccurate(what: str, dtype: torch.dtype) -> str:
@@ -83,22 +87,23 @@ def _too_inaccurate(what: str, dtype: torch.dtype) -> str:
             "(docs/maths.md#numerical-error-and-tolerances)")
 
 
-def _check_logdet(what, logdet, m_inv, J, w, beta) -> None:
-    """Deferred: a finite log det, and for float32 one within the error tolerance."""
+def _check_logdet(what, logdet, m_inv, m_diag, D: int) -> None:
+    """Deferred: a finite log det, and for float32 one within the error tolerance (from M⁻¹ and
+    diag M: J is not read again)."""
     if not check.values_checked():
         return
     if logdet.dtype == torch.float64:
         check.condition("J", torch.isfinite(logdet), f"{what}: M = I + JᵀWJ/β is not numerically "
                         "positive definite in float64 (J is too large relative to beta); rescale")
         return
-    ok = reference.logdet_accurate(logdet, m_inv, column_norms(J, w), beta, J.shape[1])
+    ok = reference.logdet_accurate(logdet, m_inv, m_diag, D)
     check.condition("J", ok, _too_inaccurate(what, logdet.dtype))
 
 
 def _masked_logdet(what, J, beta, weights, block_size: Optional[int], backend: str) -> Tensor:
     with check.deferred():
-        logdet, m_inv, J, w, beta = _factorised(J, beta, weights, block_size, backend)
-        _check_logdet(what, logdet, m_inv, J, w, beta)
+        logdet, m_inv, m_diag, D = _factorised(J, beta, weights, block_size, backend)
+        _check_logdet(what, logdet, m_inv, m_diag, D)
     return logdet
 
 
@@ -141,9 +146,9 @@ def optimal_posterior_covariance(J: Tensor, beta, *, weights=None, backend: str 
     differentiable. float32 inputs whose Σ* would be off by more than 1e-2 (relative) raise
     a ValueError (value checks on) that suggests float64."""
     with check.deferred():
-        _logdet, sigma, J, w, beta = _factorised(J, beta, weights, None, backend)
+        _logdet, sigma, m_diag, D = _factorised(J, beta, weights, None, backend)
         if check.values_checked() and sigma.dtype != torch.float64:
-            ok = reference.covariance_accurate(sigma, column_norms(J, w), beta, J.shape[1])
+            ok = reference.covariance_accurate(sigma, m_diag, D)
             check.condition("J", ok, _too_inaccurate("optimal_posterior_covariance", sigma.dtype))
         elif check.values_checked():
             check.condition("J", torch.isfinite(sigma), "optimal_posterior_covariance: M = I + JᵀWJ/β "

@@ -35,23 +35,26 @@ def _operands(J: Tensor, w: Optional[Tensor]):
 
 
 def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
-    """(log det M (B,), M⁻¹ (B, d, d)); a factorisation that fails leaves its log det NaN
-    (the public functions' checks report it; nothing here syncs)."""
+    """(log det M (B,), M⁻¹ (B, d, d), diag M (B, d)); a factorisation that fails leaves its
+    log det NaN (the public functions' checks report it; nothing here syncs). diag M is kept by
+    the factorisation before the Cholesky overwrites it: the error estimate reads no J."""
     J, w, acc = _operands(J, w)
     B, D, d = J.shape
     L = J.new_empty(B, d, d)
     logdet = J.new_empty(B)
+    m_diag = J.new_empty(B, d)
     beta = beta.to(dtype=acc).contiguous()  # on the host (a number) or on J's device; never copied over
     on_host = J.device.type == "cpu"
     if on_host:  # the kernel factorises the Gram matrices it finds in L
         torch.matmul(J.mT, J if w is None else J * w.unsqueeze(-1), out=L)
     _C.factor(_extension.DTYPE_CODES[acc], _extension.target(J), B, D, d,
               _extension.strided(None if on_host else J), _extension.strided(None if on_host else w),
-              beta.data_ptr(), beta.device.type == "cpu", block_size, L.data_ptr(), logdet.data_ptr())
+              beta.data_ptr(), beta.device.type == "cpu", block_size, L.data_ptr(), logdet.data_ptr(),
+              m_diag.data_ptr())
     m_inv = torch.empty_like(L)
     _C.inverse(_extension.DTYPE_CODES[acc], _extension.target(L), B, d, block_size,
                L.data_ptr(), m_inv.data_ptr())
-    return logdet, m_inv
+    return logdet, m_inv, m_diag
 
 
 @torch.library.custom_op("fastjac::cuda_gram_backward", mutates_args=())

@@ -5,7 +5,7 @@ and the float32 error estimate (docs/maths.md#numerical-error-and-tolerances).
 ``block_size`` masks G to its diagonal blocks of consecutive latents: block_size >= d
 is the exact log-determinant, smaller blocks give the Fischer bound (a block-diagonal
 M has log det = Σ_blocks log det M_bb), block_size 1 the Hadamard bound.
-Shapes: J (B, D, d), w (B, D) or None, beta 0-d -> logdet (B,), M⁻¹ (B, d, d).
+Shapes: J (B, D, d), w (B, D) or None, beta 0-d -> logdet (B,), M⁻¹ (B, d, d), diag M (B, d).
 """
 from __future__ import annotations
 
@@ -34,12 +34,16 @@ def matrix(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int) -> Ten
 
 
 def forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int):
-    """(log det M (B,), M⁻¹ (B, d, d)) by one Cholesky factorisation; non-syncing: a failed
-    factorisation shows as a non-finite log det. Differentiable (the double-backward path)."""
-    L, _info = torch.linalg.cholesky_ex(matrix(J, w, beta, block_size))
+    """(log det M (B,), M⁻¹ (B, d, d), diag M (B, d)) by one Cholesky factorisation; non-syncing:
+    a failed factorisation shows as a non-finite log det. diag M = 1 + ‖J_w e_i‖²/β is what the
+    float32 error estimate needs, returned so that no caller reads J again for it.
+    Differentiable (the double-backward path)."""
+    M = matrix(J, w, beta, block_size)
+    L, _info = torch.linalg.cholesky_ex(M)
     logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     eye = identity(L.shape[-1], device=L.device, dtype=L.dtype).expand_as(L)
-    return logdet, torch.cholesky_solve(eye, L)  # cholesky_inverse would raise (and sync) on a failed L
+    m_inv = torch.cholesky_solve(eye, L)  # cholesky_inverse would raise (and sync) on a failed L
+    return logdet, m_inv, M.diagonal(dim1=-2, dim2=-1).contiguous()
 
 
 def gamma(m_inv: Tensor, grad: Tensor, beta: Tensor) -> Tensor:
@@ -89,11 +93,11 @@ def backward(J, w, beta, m_inv, grad_logdet, grad_sigma, needs, gram_backward: C
     return grad_J, grad_w, grad_beta
 
 
-def _scaled(m_inv: Tensor, column_norms: Tensor, beta: Tensor) -> Tensor:
-    """M⁻¹_ij √(M_ii M_jj) (B, d, d), M_ii = 1 + n_i/β: M⁻¹ in the units of the rounding errors.
+def _scaled(m_inv: Tensor, m_diag: Tensor) -> Tensor:
+    """M⁻¹_ij √(M_ii M_jj) (B, d, d) from diag M (B, d): M⁻¹ in the units of the rounding errors.
     Both the Gram's and the Cholesky's float32 errors are componentwise |δM_ij| <= ε √(M_ii M_jj)
     (Cauchy–Schwarz on the rows of J and of L)."""
-    s = torch.sqrt(1 + column_norms.to(m_inv.dtype) / beta.to(m_inv.dtype))
+    s = torch.sqrt(m_diag.to(m_inv.dtype))
     return m_inv * s[:, :, None] * s[:, None, :]
 
 
@@ -103,19 +107,20 @@ def unit_error(D: int, d: int, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 * (math.sqrt(D) + d + 1)
 
 
-def logdet_accurate(logdet: Tensor, m_inv: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
+def logdet_accurate(logdet: Tensor, m_inv: Tensor, m_diag: Tensor, D: int) -> Tensor:
     """(B,) bool: the estimated rounding error of log det is within FLOAT32_TOLERANCE (1 + |log det|);
-    False also for a non-finite log det. δ log det = tr(M⁻¹ δM) = Σ_ij M⁻¹_ij δM_ij; with errors
+    False also for a non-finite log det. ``m_diag`` is diag M = 1 + ‖J_w e_i‖²/β (B, d), the
+    factorisation's third output. δ log det = tr(M⁻¹ δM) = Σ_ij M⁻¹_ij δM_ij; with errors
     of independent signs its size is ε ‖M⁻¹_ij √(M_ii M_jj)‖_F."""
-    error = unit_error(D, m_inv.shape[-1], m_inv.dtype) * torch.linalg.matrix_norm(_scaled(m_inv, column_norms, beta))
+    error = unit_error(D, m_inv.shape[-1], m_inv.dtype) * torch.linalg.matrix_norm(_scaled(m_inv, m_diag))
     return error <= FLOAT32_TOLERANCE * (1 + logdet.abs())
 
 
-def covariance_accurate(sigma: Tensor, column_norms: Tensor, beta: Tensor, D: int) -> Tensor:
+def covariance_accurate(sigma: Tensor, m_diag: Tensor, D: int) -> Tensor:
     """(B,) bool: the estimated relative error of Σ = M⁻¹ is within FLOAT32_TOLERANCE; False also
     for a non-finite Σ. δΣ = −Σ δM Σ; with errors of independent signs
-    ‖δΣ‖_F ≈ ε ‖Σ diag(√M_ii)‖_F²."""
-    s = torch.sqrt(1 + column_norms.to(sigma.dtype) / beta.to(sigma.dtype))
+    ‖δΣ‖_F ≈ ε ‖Σ diag(√M_ii)‖_F² (``m_diag`` as in :func:`logdet_accurate`)."""
+    s = torch.sqrt(m_diag.to(sigma.dtype))
     spread = (sigma * s[:, None, :]).square().sum((-2, -1))
     error = unit_error(D, sigma.shape[-1], sigma.dtype) * spread
     return error <= FLOAT32_TOLERANCE * torch.linalg.matrix_norm(sigma)

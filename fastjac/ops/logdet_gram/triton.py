@@ -8,7 +8,8 @@ elimination are the squared Cholesky pivots, so log det M = Σ log pivots comes 
 For d <= SOLVER_BLOCK the whole M stays in registers; above, the elimination is blocked
 (BLOCKED_TILE² tiles, tensor-core products) in place in the output buffer, which at d <= 256
 (256 KB per sample) stays in L2. The op saves M⁻¹, so the backward (the reference Γ formula
-and ``_triton.gram_backward``) needs no further factorisation.
+and ``_triton.gram_backward``) needs no further factorisation. The solver also writes diag M
+(B, d), which the float32 error estimate needs, so nothing reads J again for it.
 
 Launches: ``"split"`` = [zeros] + Gram + solver (<= 3), ``"fused"`` = solver alone.
 Shapes as ``reference``; the maths in docs/maths.md#log-determinant-and-its-gradients.
@@ -73,21 +74,33 @@ def _tile(Mb, k, I, Jt, NB: tl.constexpr):
 
 
 @triton.jit
-def _write_matrix(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
-    """Mb <- M = I + mask ⊙ G/β, tile by tile."""
+def _store_diagonal(A, Db, k, c0, NB: tl.constexpr):
+    """Db[c0 + i] <- A[i, i] for the register tile A (NB × NB) whose diagonal is M's c0, c0 + 1, ..."""
+    idx = tl.arange(0, NB)
+    diagonal = tl.sum(tl.where(idx[:, None] == idx[None, :], A, 0.0), axis=1)
+    tl.store(Db + c0 + idx, diagonal, mask=c0 + idx < k)
+
+
+@triton.jit
+def _write_matrix(Gb, Mb, Db, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Mb <- M = I + mask ⊙ G/β, tile by tile, and Db <- diag M."""
     idx = tl.arange(0, NB)
     for I in range(BLOCKS):
         for Jt in range(BLOCKS):
             ptr, mask = _tile(Mb, k, I, Jt, NB)
-            tl.store(ptr, _scaled(_g_tile(Gb, k, I * NB + idx, Jt * NB + idx),
-                                  I * NB + idx, Jt * NB + idx, k, beta, block_size), mask=mask)
+            tile = _scaled(_g_tile(Gb, k, I * NB + idx, Jt * NB + idx), I * NB + idx, Jt * NB + idx, k, beta,
+                           block_size)
+            tl.store(ptr, tile, mask=mask)
+            if I == Jt:
+                _store_diagonal(tile, Db, k, I * NB, NB)
     tl.debug_barrier()
 
 
 @triton.jit
-def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
-    """Write M⁻¹ to Mb by block Gauss–Jordan on NB × NB tiles, in place; returns log det M."""
-    _write_matrix(Gb, Mb, k, beta, block_size, NB, BLOCKS)
+def _blocked_inverse(Gb, Mb, Db, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.constexpr):
+    """Write M⁻¹ to Mb by block Gauss–Jordan on NB × NB tiles, in place, and diag M to Db;
+    returns log det M."""
+    _write_matrix(Gb, Mb, Db, k, beta, block_size, NB, BLOCKS)
     idx = tl.arange(0, NB)
     zero = tl.zeros((NB, NB), tl.float32)
     eye = tl.where(idx[:, None] == idx[None, :], 1.0, 0.0)
@@ -127,11 +140,11 @@ def _blocked_inverse(Gb, Mb, k, beta, block_size, NB: tl.constexpr, BLOCKS: tl.c
 
 
 @triton.jit
-def _solve_kernel(J, w, G, beta, Minv, logdet, D, k, block_size, s_b, s_r, s_c, s_wb, s_wr,
+def _solve_kernel(J, w, G, beta, Minv, logdet, Mdiag, D, k, block_size, s_b, s_r, s_c, s_wb, s_wr,
                   BETA_PTR: tl.constexpr, FUSED: tl.constexpr, HAS_W: tl.constexpr, MODE: tl.constexpr,
                   ROWS: tl.constexpr, NB: tl.constexpr, BLOCKS: tl.constexpr):
-    """Program b: Minv[b] = M⁻¹ and logdet[b] = log det M, M = I + mask ⊙ G[b]/β. G is
-    accumulated here (FUSED) or read from the Gram kernel's output."""
+    """Program b: Minv[b] = M⁻¹, logdet[b] = log det M and Mdiag[b] = diag M, M = I + mask ⊙ G[b]/β.
+    G is accumulated here (FUSED) or read from the Gram kernel's output."""
     b = tl.program_id(0).to(tl.int64)
     if BETA_PTR:
         beta = tl.load(beta).to(tl.float32)
@@ -143,11 +156,13 @@ def _solve_kernel(J, w, G, beta, Minv, logdet, D, k, block_size, s_b, s_r, s_c, 
                                   HAS_W, False, MODE, ROWS, NB, NB)
         else:
             g = _g_tile(G + b * k * k, k, idx, idx)
-        A, ld = _invert(_scaled(g, idx, idx, k, beta, block_size), k, NB)
+        A = _scaled(g, idx, idx, k, beta, block_size)
+        _store_diagonal(A, Mdiag + b * k, k, 0, NB)
+        A, ld = _invert(A, k, NB)
         ptr, mask = _tile(Mb, k, 0, 0, NB)
         tl.store(ptr, A, mask=mask)
     else:
-        ld = _blocked_inverse(G + b * k * k, Mb, k, beta, block_size, NB, BLOCKS)
+        ld = _blocked_inverse(G + b * k * k, Mb, Mdiag + b * k, k, beta, block_size, NB, BLOCKS)
     tl.store(logdet + b, ld)
 
 
@@ -178,20 +193,21 @@ def solver_plan(B: int, D: int, d: int, dtype: torch.dtype, weighted: bool, devi
 
 
 def forward(J, w, beta, block_size: int, schedule: Optional[str] = None):
-    """(log det M (B,), M⁻¹ (B, d, d)) in fp32; ``schedule`` as in :func:`solver_plan`."""
+    """(log det M (B,), M⁻¹ (B, d, d), diag M (B, d)) in fp32; ``schedule`` as in :func:`solver_plan`."""
     B, D, k = J.shape
     plan = solver_plan(B, D, k, J.dtype, w is not None, J.device, schedule)
     G = None if plan.fused else _triton.gram(J, w)
     Minv = torch.empty(B, k, k, dtype=torch.float32, device=J.device)
     logdet = torch.empty(B, dtype=torch.float32, device=J.device)
+    m_diag = torch.empty(B, k, dtype=torch.float32, device=J.device)
     beta_ptr = beta.device == J.device  # a host β is passed by value: no copy, no sync
     _triton.launch(
         _solve_kernel, (B,), J.device,
         J, J if w is None else w, Minv if G is None else G, beta if beta_ptr else float(beta),
-        Minv, logdet, D, k, block_size, *J.stride(), *((0, 0) if w is None else w.stride()),
+        Minv, logdet, m_diag, D, k, block_size, *J.stride(), *((0, 0) if w is None else w.stride()),
         BETA_PTR=beta_ptr, FUSED=plan.fused, HAS_W=w is not None, MODE=plan.mode, ROWS=plan.rows,
         NB=plan.block, BLOCKS=plan.blocks, num_warps=plan.num_warps)
-    return logdet, Minv
+    return logdet, Minv, m_diag
 
 
 IMPLEMENTATIONS = {"triton": _dispatch.Implementation(
