@@ -582,7 +582,10 @@ def _grouped_norm(ctx: _Pass, X: Tensor, groups: int, weight, bias, eps: float) 
     var_mean, not from native_group_norm's mean/rstd outputs (whose backward fails without a weight)."""
     P, T, dtype = _work(*ctx.split(X))
     B, C = P.shape[:2]
-    y = F.group_norm(P, groups, weight, bias, eps)
+    if weight is None and bias is not None:  # torch's fused backward fails on a bias without a weight
+        y = F.group_norm(P, groups, None, None, eps) + bias.reshape(C, *(1,) * (P.dim() - 2))
+    else:
+        y = F.group_norm(P, groups, weight, bias, eps)
     grouped = P.reshape(B, groups, -1)
     var, mean = torch.var_mean(grouped, -1, unbiased=False, keepdim=True)
     rstd = torch.rsqrt(var + eps)
