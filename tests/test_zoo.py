@@ -20,6 +20,7 @@ from torch import nn
 
 import fastjac
 import fastjac.chunked
+import fastjac.autodiff.stacked_ops
 import fastjac.jacobian
 from fastjac.jacobian import select_output
 from decoders import brute_jacobian
@@ -308,11 +309,24 @@ def reference(name, monkeypatch):
     return _REFERENCES[name]
 
 
+# The zoo entries that go through torch.func: the stacked evaluation refuses them (batch_first
+# attention transposes the batch dimension). Every other entry, in both forms, takes a stacked path
+# (fastjac/autodiff/stacked.py for plain Sequentials, fastjac/autodiff/stacked_ops.py for the rest).
+FORWARD_AD = {"TransformerEncoder post-norm", "TransformerEncoder pre-norm", "TransformerEncoder frozen"}
+
+
 def estimator_errors(name, form, monkeypatch):
-    """{estimator: (relative error of the value, largest relative error over the gradients)}."""
+    """{estimator: (relative error of the value, largest relative error over the gradients)}, after
+    checking which path computed the columns."""
     decoder, z, kw, params, refs = reference(name, monkeypatch)
+    fastjac.autodiff.stacked_ops.DECISIONS.clear()
+    forward_ad, real = [], fastjac.jacobian._forward_ad_push
+    monkeypatch.setattr(fastjac.jacobian, "_forward_ad_push", lambda *a: forward_ad.append(1) or real(*a))
     calls = regularizers(FORMS[form](decoder), z, kw)
     ours = {est: value_and_gradients(call, z, params) for est, call in calls.items()}
+    monkeypatch.undo()
+    path = "torch.func" if forward_ad else "stacked"
+    assert (path == "torch.func") == (name in FORWARD_AD), f"{name} ({form}) took the {path} path"
     return {est: (relative_error(ours[est][0], refs[est][0]), gradient_error(ours[est][1], refs[est][1]))
             for est in ESTIMATORS}
 

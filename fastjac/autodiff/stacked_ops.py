@@ -497,8 +497,9 @@ def _inplace(flag) -> None:
 
 def _silu(p, inplace=False):
     _inplace(inplace)
-    s = torch.sigmoid(p)  # silu′(p) t = s t + p s(1 − s) t (torch's silu_backward has no derivative)
-    return F.silu(p), lambda t: torch.addcmul(t * s, p, aten.sigmoid_backward(t, s))
+    s = torch.sigmoid(p)  # silu′(p) = s + p s(1 − s), on the primal rows (silu_backward has no derivative)
+    slope = s + aten.sigmoid_backward(p, s)
+    return F.silu(p), lambda t: t * slope
 
 
 def _relu(p, inplace=False):
@@ -569,6 +570,12 @@ def _centred_tangent(T: Tensor, centred: Tensor, rstd: Tensor, dims: tuple) -> T
     return torch.addcmul(T - T.mean(dims, keepdim=True), centred, along, value=-1)
 
 
+def _statistics(x: Tensor, dims: tuple, eps: float) -> tuple:
+    """(x − μ, 1/√(var + ε)) over ``dims`` (mean, then the mean square: half var_mean's time, both ways)."""
+    centred = x - x.mean(dims, keepdim=True)
+    return centred, torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+
+
 def _work(P: Tensor, T: Tensor) -> tuple:
     """Half inputs in float32 (as torch's fused norms and autocast compute them); the output dtype."""
     if P.dtype not in _rules.LOW_PRECISION:
@@ -586,10 +593,8 @@ def _grouped_norm(ctx: _Pass, X: Tensor, groups: int, weight, bias, eps: float) 
         y = F.group_norm(P, groups, None, None, eps) + bias.reshape(C, *(1,) * (P.dim() - 2))
     else:
         y = F.group_norm(P, groups, weight, bias, eps)
-    grouped = P.reshape(B, groups, -1)
-    var, mean = torch.var_mean(grouped, -1, unbiased=False, keepdim=True)
-    rstd = torch.rsqrt(var + eps)
-    tangent = _centred_tangent(T.reshape(*ctx.lead, B, groups, -1), grouped - mean, rstd, (-1,))
+    centred, rstd = _statistics(P.reshape(B, groups, -1), (-1,), eps)
+    tangent = _centred_tangent(T.reshape(*ctx.lead, B, groups, -1), centred, rstd, (-1,))
     scale = rstd.expand(B, groups, C // groups).reshape(B, C)  # r per channel, times the weight
     scale = scale if weight is None else scale * weight
     tangent = tangent.reshape(T.shape) * scale.reshape(B, C, *(1,) * (P.dim() - 2))
@@ -611,9 +616,8 @@ def _layer_norm(ctx, X, normalized_shape, weight=None, bias=None, eps=1e-5):
     P, T, dtype = _work(*ctx.split(X))
     dims = tuple(range(-n, 0))
     y = F.layer_norm(P, normalized_shape, weight, bias, eps)
-    var, mean = torch.var_mean(P, dims, unbiased=False, keepdim=True)  # (native_layer_norm's own
-    rstd = torch.rsqrt(var + eps)  # mean and rstd outputs carry no gradient)
-    tangent = _centred_tangent(T, P - mean, rstd, dims) * rstd
+    centred, rstd = _statistics(P, dims, eps)  # (native_layer_norm's mean and rstd carry no gradient)
+    tangent = _centred_tangent(T, centred, rstd, dims) * rstd
     tangent = tangent if weight is None else tangent * weight
     return ctx.join(y.to(dtype), tangent.to(dtype))
 
