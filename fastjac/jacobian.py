@@ -7,7 +7,11 @@ Reverse mode over the D outputs is never used. Decoders that carry tangents them
 (a ``tangent_forward(z, tangents)`` method, e.g. :class:`fastjac.nn.TangentMLP` with its
 fused Linear+activation kernels) are used through that method instead of torch.func, and plain
 ``nn.Sequential`` decoders of common layers by the stacked evaluation of
-:mod:`fastjac.autodiff.stacked` (primal and tangents through one call per layer).
+:mod:`fastjac.autodiff.stacked` (primal and tangents through one call per layer). Any other
+decoder first runs its own forward on the stacked [z; tangents] under the whitelisted rules of
+:mod:`fastjac.autodiff.stacked_ops` (a diffusers VAE, residual blocks, functions); a call
+without a rule there (or a decoder with hooks) sends it to torch.func, and that decision is
+kept per decoder structure, shapes and dtype. Under ``torch.compile``: torch.func, traced.
 
 Every entry point (:func:`jacobian_columns`, :mod:`fastjac.chunked`, and through them every
 estimator and objective) prepares the decoder here, in one place:
@@ -274,7 +278,7 @@ def _stacked_push(push, decoder, output, z: Tensor, tangents: Tensor):
     meets a call without a stacked rule, forward AD instead, and for this decoder structure,
     shapes and dtype from then on (one failed attempt at most)."""
     key = stacked_ops.cache_key(decoder, output, z, tangents.shape[0])
-    if stacked_ops.DECISIONS.get(key) is not False:
+    if stacked_ops.DECISIONS.get(key) is not False and not stacked_ops.hooked(_modules(decoder)):
         replay = random_state(z.device)
         try:
             return stacked_ops.push(decoder, functools.partial(select_output, output=output), z, tangents)

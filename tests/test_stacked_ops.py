@@ -355,3 +355,14 @@ def test_stale_stacked_tensors_of_another_pass_are_refused():
     stacked_push(dec, z, torch.randn(1, 2, 3, dtype=DT))
     with pytest.raises(Unsupported):
         stacked_push(dec, z, torch.randn(1, 2, 3, dtype=DT))
+
+
+def test_decoders_with_hooks_go_to_torch_func(monkeypatch):
+    """A forward hook would see the stacked rows (and might keep them): torch.func instead."""
+    seen = []
+    torch.manual_seed(0)
+    dec = Refused(torch.sin).to(DT)  # sin has no rule, but the hook is checked first
+    dec.fc.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    monkeypatch.setattr(stacked_ops, "push", lambda *a: pytest.fail("stacked attempt"))
+    fastjac.jacobian_columns(dec, torch.randn(2, 3, dtype=DT))
+    assert seen == [2]
