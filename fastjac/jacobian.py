@@ -62,6 +62,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
@@ -278,14 +279,37 @@ def _stacked_push(push, decoder, output, z: Tensor, tangents: Tensor):
     meets a call without a stacked rule, forward AD instead, and for this decoder structure,
     shapes and dtype from then on (one failed attempt at most)."""
     key = stacked_ops.cache_key(decoder, output, z, tangents.shape[0])
-    if stacked_ops.DECISIONS.get(key) is not False and not stacked_ops.hooked(_modules(decoder)):
+    decided = stacked_ops.DECISIONS.get(key)
+    if decided is not False and not stacked_ops.hooked(_modules(decoder)):
+        select = functools.partial(select_output, output=output)
         replay = random_state(z.device)
-        try:
-            return stacked_ops.push(decoder, functools.partial(select_output, output=output), z, tangents)
-        except Exception:  # noqa: BLE001 -- Unsupported, or the decoder's own error: torch.func decides
-            stacked_ops.DECISIONS.set(key, False)
-        replay()  # the same random draws for torch.func as for the failed attempt
+        if decided is None and torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+            with torch.no_grad():  # under checkpoint: a failed attempt must not leave saved tensors
+                decided = _stacked_attempt(key, decoder, select, z, tangents) is not None
+            replay()
+        if decided is not False:
+            got = _stacked_attempt(key, decoder, select, z, tangents)
+            if got is not None:
+                return got
+            replay()  # the same random draws for torch.func as for the failed attempt
     return _forward_ad_push(push, decoder, output, z, tangents)
+
+
+def _stacked_attempt(key, decoder, select, z: Tensor, tangents: Tensor):
+    """stacked_ops.push's result, or None (and the decision recorded) where it cannot run."""
+    try:
+        got = stacked_ops.push(decoder, select, z, tangents)
+    except _StopRecomputation:  # checkpoint's own control flow, not a failure
+        raise
+    except Exception:  # noqa: BLE001 -- Unsupported, or the decoder's own error: torch.func decides
+        stacked_ops.DECISIONS.set(key, False)
+        return None
+    if stacked_ops.DECISIONS.get(key) is None:
+        stacked_ops.DECISIONS.set(key, True)
+    return got
+
+
+_StopRecomputation = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
 def _forward_ad_push(push, decoder, output, z: Tensor, tangents: Tensor):

@@ -366,3 +366,21 @@ def test_decoders_with_hooks_go_to_torch_func(monkeypatch):
     monkeypatch.setattr(stacked_ops, "push", lambda *a: pytest.fail("stacked attempt"))
     fastjac.jacobian_columns(dec, torch.randn(2, 3, dtype=DT))
     assert seen == [2]
+
+
+@pytest.mark.parametrize("op", ["no rule (cumsum)", None])
+def test_checkpointed_chunks_take_one_path_and_give_the_same_gradients(op):
+    """recomputed_columns checkpoints each chunk: the stacked decision is made before any tensor is
+    saved (a failed attempt under checkpoint would leave saved tensors the recomputation lacks)."""
+    from fastjac.chunked import recomputed_columns
+    torch.manual_seed(0)
+    dec = Refused(REFUSED[op] if op else torch.tanh).to(DT)
+    z = torch.randn(2, 3, dtype=DT, requires_grad=True)
+    stacked_ops.DECISIONS.clear()
+    _, J = recomputed_columns(lambda v: dec(v), z, chunk_size=2)
+    grads = torch.autograd.grad((J ** 2).sum(), [z, *dec.parameters()])
+    stacked_ops.DECISIONS.clear()
+    _, J_ref = fastjac.jacobian_columns(dec, z)
+    for a, b in zip(grads, torch.autograd.grad((J_ref ** 2).sum(), [z, *dec.parameters()])):
+        assert_close("grad", b, a)
+    assert stacked_ops.DECISIONS.get(stacked_ops.cache_key(dec, None, z, 3)) is (op is None)

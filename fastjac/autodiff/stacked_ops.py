@@ -709,7 +709,8 @@ def cache_key(decoder: Callable, output, z: Tensor, k: int):
 
 
 class Decisions:
-    """key -> False where the stacked evaluation failed (torch.func from then on); thread-safe."""
+    """key -> True where the stacked evaluation ran, False where it failed (torch.func from then
+    on); thread-safe."""
 
     def __init__(self):
         self._lock = threading.Lock()
