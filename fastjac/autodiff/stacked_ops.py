@@ -3,31 +3,40 @@
 :mod:`fastjac.autodiff.stacked` does this for plain ``nn.Sequential`` decoders by walking their
 layers. Here the decoder's own ``forward`` (a diffusers VAE, a residual block, a function) runs on
 X = [z; t_1; …; t_k], (1 + k)·B rows, wrapped in :class:`Stacked`, a tensor subclass whose
-``__torch_function__`` sees every torch call that touches it and runs the rule of :data:`RULES`:
+``__torch_function__`` sees every torch call that touches it and runs the rule of :data:`RULES`
+(the decoder reads a batch of (1 + k)·B; shape-derived sizes in its reshapes follow):
 - linear in X (conv, conv-transpose, linear, interpolate, pixel shuffle, pooling, reshapes, …):
-  one call on the whole stack; a bias or an added constant goes to the primal rows only;
+  one call on the whole stack; a bias goes to the primal rows by a [1; 0] row mask (one kernel),
+  an added constant to the primal rows only; a constant with one row per sample broadcasts
+  against the primal rows and each block of tangent rows alike;
 - an activation σ: σ(p) on the primal rows, σ′(p) ⊙ t on the tangent rows by torch's fused
-  backward kernel of σ (as in :mod:`fastjac.autodiff.stacked`);
-- group/layer/instance norm: the primal by torch's fused kernel (which also returns the mean
-  and 1/σ), the tangents by the closed-form JVP r·(t − mean t − x̂·mean(x̂ t))·γ
-  (docs/maths.md#jacobian-columns); eval-mode batch norm is affine;
-- products (mul, matmul, bmm) by the product rule, softmax by y ⊙ (t − Σ y ⊙ t), and
-  ``scaled_dot_product_attention`` as its math form through those rules.
+  backward kernel of σ (as in :mod:`fastjac.autodiff.stacked`; SiLU's σ′ written out);
+- group/layer/instance norm: the primal by torch's fused op, the tangents by the closed-form
+  JVP r·(t − mean t − (x − μ)·r²·mean((x − μ) t))·γ (docs/maths.md#jacobian-columns) with μ, r
+  from a mean and a mean square (native_group_norm's own mean/rstd outputs fail in backward
+  without a weight, native_layer_norm's carry no gradient); eval-mode batch norm is affine;
+- products (mul, matmul, bmm, baddbmm) by the product rule, softmax by y ⊙ (t − Σ y ⊙ t), and
+  ``scaled_dot_product_attention`` as its math form (:mod:`fastjac._rules`) through those rules.
 Everything is ordinary, twice-differentiable torch ops, so reverse mode through the result is
 exact (the gradients of the columns into z and the parameters: reverse over "forward").
 
-Why this beats ``torch.func.jvp`` here: under forward AD every convolution costs three
-convolution calls forward (primal, tangent, and one in the JVP formula's bookkeeping) and their
-backward doubles again, and a decomposed norm is a dozen small ops per tangent; stacked, a
-convolution is ONE call on 2B rows (and one convolution_backward), and torch's fused kernels do
-the norms and activations (``python -m fastjac.bench.zoo``: the AutoencoderKL step).
+Why this beats ``torch.func.jvp`` here: under forward AD a convolution costs three convolution
+calls forward and three convolution_backward calls (the lead's profile of the AutoencoderKL step:
+180 against 60 plain per 3 steps), and the decomposed norms and functorch's per-op wrapping add
+thousands of small ops; stacked, a convolution is ONE call on 2B rows forward and one
+convolution_backward, and the norms and activations are torch's fused kernels plus a few
+elementwise ops on the tangent rows (``python -m fastjac.bench.zoo --decoders autoencoder_kl``).
 
 Whitelist only: a call on a stacked tensor with no rule, or whose rule's precondition fails (a
-permute or reshape that moves or mixes the batch dimension, an in-place write, ``.item()`` or a
-branch on stacked values, a training-mode BatchNorm or Dropout, a constant whose first dimension
-is the stacked one) raises :class:`Unsupported`, and :mod:`fastjac.jacobian` takes its
-``torch.func`` path instead, and remembers that for the decoder's structure, shapes and dtype
-(:func:`cache_key`): one failed attempt at most.
+permute, transpose or reshape that moves or mixes the batch dimension, an in-place write into
+any tensor, ``.item()`` or a branch on stacked values, a training-mode BatchNorm or Dropout, a
+constant whose first dimension is the stacked one, stacked tensors of an earlier pass) raises
+:class:`Unsupported`, and :mod:`fastjac.jacobian` takes its ``torch.func`` path instead, and
+remembers that for the decoder's structure, shapes and dtype (:func:`cache_key`): one failed
+attempt at most. Decoders with module hooks (which would see the stacked rows) go to torch.func
+without an attempt. Not covered (torch.func path): ``nn.MultiheadAttention`` with
+``batch_first`` (it transposes the batch dimension), heads folded into the batch dimension,
+max pooling, in-place activations, and any op not in :data:`RULES`.
 """
 from __future__ import annotations
 
