@@ -106,3 +106,26 @@ def test_flatten_measures_the_reference_runs_against_the_best_run_of_the_data_se
     assert d["near_best_decoder_angle_median_abs"] == 2.0
     assert f["truth_data_sets"] == 0 and math.isnan(f["truth_gap_median"])
     assert math.isnan(f["near_best_decoder_angle_median_abs"])
+
+
+def test_optimum_table_renders_reference_runs_and_dashes_for_files_made_before_them(tmp_path):
+    import json
+
+    from fastjac.experiments import tables
+    new = {"nonlinearity": "tanh", "inference": "amortised", "covariance": "diagonal", "runs": 2,
+           "near_best_runs": 2, "best_gap_min": 0.0, "near_best_angle_median_abs": 24.5,
+           "near_best_angle_max_abs": 30.0, "near_best_angle_to_best_median_abs": 0.0,
+           "near_best_principal_angle_median_abs": 1.0, "gradient_max": 1e-5,
+           "near_best_decoder_angle_median_abs": 25.6, "near_best_decoder_singular_values_median": [0.772, 0.578],
+           "truth_data_sets": 2, "truth_gap_median": -0.2824, "true_decoder_axes_median_abs": 7.3,
+           "truth_start_gap_median": -1.6e-13, "truth_start_angle_median_abs": 24.5}
+    old = {k: v for k, v in new.items() if not k.startswith(("truth", "true", "near_best_decoder"))}
+    old["covariance"] = "full"
+    doc = {"experiment": "identifiability", "runs": {}, "summary": [new, old],
+           "config": {"training": {"mixing": "orthogonal"}}}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    tables.publish("identifiability-quick", tmp_path / "results.json", out_dir=tmp_path, machine="m",
+                   command="fastjac reproduce identifiability --quick", date="2026-01-01 00:00 UTC")
+    text = tables.identifiability_quick(tmp_path)
+    assert "| tanh | amortised | diagonal | 25.6° | 0.772, 0.578 | −0.2824 | 7.3° | −1.6e−13 / 24.5° |" in text
+    assert "| tanh | amortised | full | — | —, — | — | — | — |" in text
