@@ -97,6 +97,10 @@ ACTIVATIONS = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"), "elu": functools.partial(F.elu, alpha=0.7),
     "leaky_relu": functools.partial(F.leaky_relu, negative_slope=0.2), "softplus": functools.partial(F.softplus, beta=2.0),
     "sigmoid": torch.sigmoid, "tanh": torch.tanh, "tanh_method": lambda x: x.tanh(),
+    "exp": torch.exp, "log_abs": lambda x: torch.log(x.abs() + 1), "sin_cos": lambda x: x.sin() * x.cos(),
+    "sqrt_square": lambda x: (torch.square(x) + 1).sqrt(), "pow": lambda x: x ** 3 + (x.abs() + 1).pow(0.5),
+    "reciprocal": lambda x: 2.0 / (abs(x) + 1), "clamp": lambda x: x.clamp(-0.5, 0.7) + torch.clip(x, min=0.1),
+    "hardtanh": functools.partial(F.hardtanh, min_val=-0.4),
 }
 
 
@@ -282,7 +286,8 @@ REFUSED = {
     "cat along the batch": lambda h: torch.cat([h, h])[: h.shape[0]],
     "constant the size of the stack": lambda h: h + torch.ones(h.shape[0], 1, dtype=h.dtype),
     "mean over everything": lambda h: h - h.mean(),
-    "division by a stacked tensor": lambda h: 1 / (2 + torch.tanh(h)),
+    "division by a stacked tensor": lambda h: h / (2 + torch.tanh(h)),
+    "a stacked exponent": lambda h: torch.pow(2.0, h),
 }
 
 

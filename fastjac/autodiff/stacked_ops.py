@@ -10,7 +10,8 @@ X = [z; t_1; …; t_k], (1 + k)·B rows, wrapped in :class:`Stacked`, a tensor s
   an added constant to the primal rows only; a constant with one row per sample broadcasts
   against the primal rows and each block of tangent rows alike;
 - an activation σ: σ(p) on the primal rows, σ′(p) ⊙ t on the tangent rows by torch's fused
-  backward kernel of σ (as in :mod:`fastjac.autodiff.stacked`; SiLU's σ′ written out);
+  backward kernel of σ (as in :mod:`fastjac.autodiff.stacked`; SiLU's σ′ written out), and
+  likewise exp, log, sin, cos, sqrt, abs, square, a power or clamp by constants, c / x;
 - group/layer/instance norm: the primal by torch's fused op, the tangents by the closed-form
   JVP r·(t − mean t − (x − μ)·r²·mean((x − μ) t))·γ (docs/maths.md#jacobian-columns) with μ, r
   from a mean and a mean square (native_group_norm's own mean/rstd outputs fail in backward
@@ -550,10 +551,71 @@ def _tanh(p):
     return y, lambda t: aten.tanh_backward(t, y)
 
 
+def _exp(p):
+    y = torch.exp(p)
+    return y, lambda t: t * y
+
+
+def _log(p):
+    return torch.log(p), lambda t: t / p
+
+
+def _sin(p):
+    return torch.sin(p), lambda t: t * torch.cos(p)
+
+
+def _cos(p):
+    return torch.cos(p), lambda t: -t * torch.sin(p)
+
+
+def _sqrt(p):
+    y = torch.sqrt(p)
+    return y, lambda t: t / (2 * y)
+
+
+def _abs(p):
+    return torch.abs(p), lambda t: t * torch.sgn(p)
+
+
+def _square(p):
+    return torch.square(p), lambda t: 2 * p * t
+
+
+def _pow(p, exponent):
+    """p ** c for a constant c (a python number): c p^(c−1) t, as torch's derivative writes it."""
+    if isinstance(exponent, Tensor):
+        raise Unsupported("a tensor exponent")
+    return torch.pow(p, exponent), lambda t: t * (exponent * p.pow(exponent - 1)) if exponent != 0 else t * 0
+
+
+def _reciprocal_scaled(p, numerator):
+    """numerator / p for a constant numerator: −y/p · t."""
+    y = torch.div(numerator, p)
+    return y, lambda t: -t * y / p
+
+
+def _clamp(p, min=None, max=None):
+    """clamp by constant bounds: t where min ≤ p ≤ max (torch's derivative), 0 elsewhere."""
+    inside = torch.ones_like(p, dtype=torch.bool)
+    inside = inside if min is None else inside & (p >= min)
+    inside = inside if max is None else inside & (p <= max)
+    return torch.clamp(p, min, max), lambda t: t * inside
+
+
+def _hardtanh(p, min_val=-1.0, max_val=1.0, inplace=False):
+    _inplace(inplace)
+    return _clamp(p, min_val, max_val)
+
+
 for _funcs, _spec in (((F.silu,), _silu), ((F.relu, torch.relu, Tensor.relu), _relu), ((F.elu,), _elu),
                       ((F.leaky_relu,), _leaky_relu), ((F.gelu,), _gelu), ((F.softplus,), _softplus),
                       ((torch.sigmoid, Tensor.sigmoid, F.sigmoid), _sigmoid),
-                      ((torch.tanh, Tensor.tanh, F.tanh), _tanh)):
+                      ((torch.tanh, Tensor.tanh, F.tanh), _tanh), ((torch.exp, Tensor.exp), _exp),
+                      ((torch.log, Tensor.log), _log), ((torch.sin, Tensor.sin), _sin), ((torch.cos, Tensor.cos), _cos),
+                      ((torch.sqrt, Tensor.sqrt), _sqrt), ((torch.abs, Tensor.abs, Tensor.__abs__), _abs),
+                      ((torch.square, Tensor.square), _square), ((torch.pow, Tensor.pow, Tensor.__pow__), _pow),
+                      ((Tensor.__rtruediv__, Tensor.__rdiv__), _reciprocal_scaled),
+                      ((torch.clamp, Tensor.clamp, torch.clip, Tensor.clip), _clamp), ((F.hardtanh,), _hardtanh)):
     for _func in _funcs:
         RULES[_func] = _activation(_spec)
 
