@@ -241,16 +241,18 @@ def test_objectives_table_says_what_ran_and_what_is_missing(tmp_path):
     from fastjac.experiments import tables
     run = dict(block_size=1, beta=0.1, beta_vae=2.0, beta_vae_stderr=0.01, taylor=1.9, grae=1.8, gap_mean=0.1,
                gap_min=0.05, points=40)
-    res = {"experiment": "objectives", "runs": {"b=1/beta=0.1": run}, "summary": None,
+    first = dict(run, beta=0.01, beta_vae=1.0)                     # run after b=1/β=0.1: rows sort by (b, β)
+    res = {"experiment": "objectives", "runs": {"b=1/beta=0.1": run, "b=1/beta=0.01": first}, "summary": None,
            "config": {"model": {"architecture": "mnist", "width": 1.0, "train_steps": 200},
-                      "grid": {"betas": [0.1, 1.0], "blocks": [1], "latent_dim": 12, "num_samples": 32}}}
+                      "grid": {"betas": [0.1, 1.0, 0.01], "blocks": [1], "latent_dim": 12, "num_samples": 32}}}
     (tmp_path / "results.json").write_text(json.dumps(res))
     tables.publish("objectives-x", tmp_path / "results.json", command="fastjac reproduce objectives",
                    machine="m", out_dir=tmp_path, date="2026-01-01 00:00 UTC")
     text = tables._objectives("objectives-x")(tmp_path)
+    assert text.index("| 1 | 0.01 | 1.000 ± 0.010 |") < text.index("| 1 | 0.1 | 2.000 ± 0.010 |")
     assert "| 1 | 0.1 | 2.000 ± 0.010 | 1.900 | 1.800 | 0.100 | 0.100 | 5.0e-02 |" in text
     assert "App. D mnist network, d = 12, 200 Adam steps each; evaluated on 40 held-out points, 32" in text
-    assert "*Unfinished*: 1 of the grid's 2 models ran (missing: b=1/beta=1)" in text
+    assert "*Unfinished*: 2 of the grid's 3 models ran (missing: b=1/beta=1)" in text
 
 
 def test_objectives_bad_settings_are_refused(tmp_path, capsys):

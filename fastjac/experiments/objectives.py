@@ -131,7 +131,7 @@ def run(args) -> int:
     log(f"Taylor − GRAE ≥ 0 on every one of {rows[0]['points']} points × {len(rows)} models: "
         f"{'yes' if summary['all_gaps_nonnegative'] else 'NO'} (smallest {summary['min_gap']:.3g}); "
         f"it matches (β/2)[tr(MΣ) − log det(MΣ) − d] to {summary['max_closed_form_error']:.1e}")
-    log(f"figure: {figure(rows, grid['blocks'], args.out / 'objectives.png')}")
+    log(f"figure: {figure(rows, sorted(grid['blocks']), args.out / 'objectives.png')}")
     return 0
 
 

@@ -246,9 +246,10 @@ def _objectives_settings(doc: dict) -> str:
 def _objectives(name: str) -> Callable[[Path], str]:
     def render(results_dir: Path) -> str:
         doc = load(results_dir, name)
+        runs = sorted(doc["runs"].values(), key=lambda r: (r["block_size"], r["beta"]))  # any grid order
         rows = [[str(r["block_size"]), f"{r['beta']:g}", f"{_num(r['beta_vae'])} ± {_num(r['beta_vae_stderr'])}",
                  _num(r["taylor"]), _num(r["grae"]), _num(r["beta_vae"] - r["taylor"]), _num(r["gap_mean"]),
-                 f"{r['gap_min']:.1e}"] for r in doc["runs"].values()]
+                 f"{r['gap_min']:.1e}"] for r in runs]
         header = ["b", "β", "β-VAE ± s.e.", "Taylor", "GRAE", "β-VAE − Taylor", "Taylor − GRAE",
                   "min per-point gap"]
         return _section([doc], _table(header, rows) + "\n\n" + _objectives_settings(doc))
@@ -263,6 +264,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "samples-digits": samples_digits,
     "objectives-digits": _objectives("objectives-digits"),
     "objectives-mnist": _objectives("objectives-mnist"),
+    "objectives-mnist-appd": _objectives("objectives-mnist-appd"),
 }
 
 
