@@ -270,7 +270,37 @@ def _inplace_into_constant(h):
     return h * buf
 
 
+class Twice(torch.autograd.Function):
+    """A user's op with its own backward (and jvp, for torch.func): under the stacked rules its
+    forward would run stacked while its backward assumes plain rows, so it must be refused."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent * 2
+
+
+def _no_grad_block(h):
+    with torch.no_grad():
+        scale = torch.tanh(h) + 2
+    return h * scale
+
+
 REFUSED = {
+    "autograd.Function": lambda h: Twice.apply(h),
+    "no_grad block": _no_grad_block,
     "no rule (cumsum)": lambda h: torch.cumsum(h, 1),
     "permute moving the batch": lambda h: h.reshape(-1, 2, 3).permute(1, 0, 2).reshape(-1, 6),
     "reshape mixing the batch": lambda h: h.reshape(-1, 12).flip(-1).reshape(-1, 6),

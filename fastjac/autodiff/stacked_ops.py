@@ -65,10 +65,11 @@ class _Pass:
 
     Rules see the tangent rows as blocks (k, B, …) that broadcast against the primal rows (B, …),
     and for k = 1 as (B, …) itself (no broadcasting: its backward would add a reduction per op)."""
-    __slots__ = ("B", "k", "lead")
+    __slots__ = ("B", "k", "lead", "grad")
 
     def __init__(self, B: int, k: int):
         self.B, self.k, self.lead = B, k, ((k,) if k > 1 else ())
+        self.grad = torch.is_grad_enabled()  # a call under no_grad after this: see _pass_of
 
     def split(self, X: Tensor) -> tuple:
         """(primal rows (B, …), tangent blocks (k, B, …), or (B, …) for k = 1)."""
@@ -115,11 +116,24 @@ def _stacked_in(args) -> list:
 
 
 def _pass_of(args, kwargs) -> _Pass:
+    """The pass of the stacked arguments. Refused: tensors of another pass, and any call inside an
+    autograd.Function (its forward runs under no_grad; its output's backward is the user's, written
+    for unstacked rows) or a no_grad block of a pass that records a graph."""
     found = _stacked_in(list(args) + list(kwargs.values()))
     passes = {id(getattr(x, "_fj", None)) for x in found}
     if len(passes) != 1 or getattr(found[0], "_fj", None) is None:
         raise Unsupported("stacked tensors of another pass")
-    return found[0]._fj
+    ctx = found[0]._fj
+    if ctx.grad and not torch.is_grad_enabled():
+        raise Unsupported("a stacked tensor under no_grad (or in an autograd.Function's forward)")
+    _refuse_function_outputs(found)
+    return ctx
+
+
+def _refuse_function_outputs(tensors) -> None:
+    with DisableTorchFunctionSubclass():
+        if any(isinstance(x.grad_fn, torch.autograd.function.BackwardCFunction) for x in tensors):
+            raise Unsupported("the output of an autograd.Function")
 
 
 def _wrap(out, ctx: _Pass):
@@ -146,6 +160,7 @@ def unstack(out) -> tuple:
     if not isinstance(out, Stacked) or getattr(out, "_fj", None) is None:
         raise Unsupported("the decoder's output is not the stacked result")
     ctx = out._fj
+    _refuse_function_outputs([out])
     with DisableTorchFunctionSubclass():
         P, T = ctx.split(out)
         return P.as_subclass(Tensor), T.reshape(ctx.k, *P.shape).as_subclass(Tensor)
