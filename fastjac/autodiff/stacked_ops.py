@@ -417,8 +417,8 @@ def _with_bias(ctx: _Pass, Y: Tensor, bias, per_channel: bool) -> Tensor:
 
 def _layer(func, per_channel: bool):
     def handler(ctx, X, weight, bias=None, *args, **kwargs):
-        if not isinstance(X, Stacked) or isinstance(weight, Stacked) or isinstance(bias, Stacked):
-            raise Unsupported("a stacked weight")
+        if not isinstance(X, Stacked) or isinstance(weight, Stacked) or isinstance(bias, Stacked) or X.dim() < 2:
+            raise Unsupported("a stacked weight, or a layer across the batch dimension")
         return _with_bias(ctx, func(X, weight, None, *args, **kwargs), bias, per_channel)
     return handler
 
