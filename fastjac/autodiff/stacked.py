@@ -60,35 +60,43 @@ def _summed(gT: Tensor, T: Tensor) -> Tensor:
     return gT[0] * T[0] if len(T) == 1 else (gT * T).sum(0)
 
 
-def _reverse_elu(m, gY, gT, T, p, y):
-    # σ″ = σ′ where p ≤ 0 (and 0 above), so σ′gY + σ″ Σ gT·T = σ′(gY + [y ≤ 0] Σ gT·T)
-    grad = lambda g: aten.elu_backward(g, m.alpha, 1, 1, True, y)  # noqa: E731
-    return grad(_summed(gT, T).mul_(y <= 0).add_(gY)), grad(gT)
+def _pre_elu(m, gY, gT, T, y):
+    # σ″ = σ′ where p ≤ 0 (and 0 above): σ′gY + σ″ Σ gT·T = σ′(gY + [y ≤ 0] Σ gT·T)
+    return _summed(gT, T).mul_(y <= 0).add_(gY)
 
 
-def _reverse_sigmoid(m, gY, gT, T, p, y):
+def _pre_sigmoid(m, gY, gT, T, y):
     # σ″ = σ′(1 − 2y)
     u = _summed(gT, T)
-    return aten.sigmoid_backward(torch.addcmul(gY, u, y, value=-2).add_(u), y), aten.sigmoid_backward(gT, y)
+    return torch.addcmul(gY, u, y, value=-2).add_(u)
 
 
-def _reverse_tanh(m, gY, gT, T, p, y):
+def _pre_tanh(m, gY, gT, T, y):
     # σ″ = −2y σ′
-    return aten.tanh_backward(torch.addcmul(gY, _summed(gT, T), y, value=-2), y), aten.tanh_backward(gT, y)
+    return torch.addcmul(gY, _summed(gT, T), y, value=-2)
 
 
-def _reverse_piecewise_linear(backward):
-    # σ″ = 0: both parts are σ′ ⊙ (their gradient)
-    return lambda m, gY, gT, T, p, y: (backward(m, gY, p, y), backward(m, gT, p, y))
+def _pre_piecewise_linear(m, gY, gT, T, y):
+    # σ″ = 0
+    return gY
 
 
-# activation type -> (m, gY, gT, T, p, y) -> (∂/∂p, ∂/∂T) of [σ(p); σ′(p) ⊙ T] given the gradients
-# (gY, gT) of its two parts: the reverse of the activation rule in closed form (σ″ written out),
-# for the fused layers of :class:`_LinearActivation`.
-REVERSE: dict = {
-    nn.ELU: _reverse_elu, nn.Sigmoid: _reverse_sigmoid, nn.Tanh: _reverse_tanh,
-    nn.ReLU: _reverse_piecewise_linear(ACTIVATIONS[nn.ReLU][1]),
-    nn.LeakyReLU: _reverse_piecewise_linear(ACTIVATIONS[nn.LeakyReLU][1]),
+# activation type -> (σ(p) into out, σ′(p) ⊙ t into out, (m, gY, gT, T, y) -> u with
+# ∂/∂p = σ′(p) ⊙ u): the kernels of ACTIVATIONS writing into a given buffer (the fused pairs of
+# :class:`_LinearActivation` build their outputs in place: fewer large allocations, no cat), and
+# the reverse of [σ(p); σ′(p) ⊙ T] in closed form, σ″ written out through σ′.
+FUSED: dict = {
+    nn.ELU: (lambda m, p, o: aten.elu.out(p, m.alpha, 1, 1, out=o),
+             lambda m, t, p, y, o: aten.elu_backward.grad_input(t, m.alpha, 1, 1, True, y, grad_input=o), _pre_elu),
+    nn.Sigmoid: (lambda m, p, o: torch.sigmoid(p, out=o),
+                 lambda m, t, p, y, o: aten.sigmoid_backward.grad_input(t, y, grad_input=o), _pre_sigmoid),
+    nn.Tanh: (lambda m, p, o: torch.tanh(p, out=o),
+              lambda m, t, p, y, o: aten.tanh_backward.grad_input(t, y, grad_input=o), _pre_tanh),
+    nn.ReLU: (lambda m, p, o: torch.clamp_min(p, 0, out=o),
+              lambda m, t, p, y, o: aten.threshold_backward.grad_input(t, y, 0, grad_input=o), _pre_piecewise_linear),
+    nn.LeakyReLU: (lambda m, p, o: aten.leaky_relu.out(p, m.negative_slope, out=o),
+                   lambda m, t, p, y, o: aten.leaky_relu_backward.grad_input(t, p, m.negative_slope, False,
+                                                                             grad_input=o), _pre_piecewise_linear),
 }
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ROWWISE = (nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout)
@@ -178,7 +186,7 @@ def _activation(m: nn.Module, X: Tensor, B: int, k: int, bias=None) -> Tensor:
 
 class _LinearActivation(torch.autograd.Function):
     """An ``nn.Linear`` and the activation after it on the stack X ((1 + k)·B, n_in): the primal
-    rows σ(x Wᵀ + b), the tangent rows σ′ ⊙ t Wᵀ, with the reverse pass written out (:data:`REVERSE`):
+    rows σ(x Wᵀ + b), the tangent rows σ′ ⊙ t Wᵀ, with the reverse pass written out (:data:`FUSED`):
     one GEMM each for ∂W and ∂X over the whole stack and a few elementwise kernels, and no
     autograd graph inside the pair, whose bookkeeping costs as much as the GEMMs on small layers.
     Double backward (``create_graph``) recomputes the pair with ordinary ops and differentiates those."""
@@ -188,19 +196,25 @@ class _LinearActivation(torch.autograd.Function):
         Y = F.linear(X, W)
         p, T = Y[:B], Y[B:].view(-1, B, Y.shape[1])
         p = p if b is None else p.add_(b)  # Y is ours: the bias goes into the primal rows in place
-        sigma, tangent = ACTIVATIONS[type(act)]
-        y = sigma(act, p)
-        ctx.save_for_backward(X, W, b, p, y, T)
+        sigma, tangent, _ = FUSED[type(act)]
+        out = torch.empty_like(Y)
+        y = sigma(act, p, out[:B])
+        tangent(act, T, p, y, out[B:].view(T.shape))
+        ctx.save_for_backward(X, W, b, p, T, out)  # the output, not its view y (made without grad)
         ctx.act, ctx.B = act, B
-        return torch.cat([y, tangent(act, T, p, y).reshape(-1, Y.shape[1])])
+        return out
 
     @staticmethod
     def backward(ctx, G):
-        X, W, b, p, y, T = ctx.saved_tensors
+        X, W, b, p, T, out = ctx.saved_tensors
         if torch.is_grad_enabled():
             return _recomputed_grads(ctx, (X, W, b), G)
-        dp, dT = REVERSE[type(ctx.act)](ctx.act, G[: ctx.B], G[ctx.B:].reshape(T.shape), T, p, y)
-        dY = torch.cat([dp, dT.reshape(-1, dp.shape[1])])
+        y = out[: ctx.B]
+        _, tangent, pre = FUSED[type(ctx.act)]
+        gY, gT = G[: ctx.B], G[ctx.B:].reshape(T.shape)
+        dY = G.new_empty(G.shape)
+        dp = tangent(ctx.act, pre(ctx.act, gY, gT, T, y), p, y, dY[: ctx.B])
+        tangent(ctx.act, gT, p, y, dY[ctx.B:].view(T.shape))
         need_X, need_W, need_b = ctx.needs_input_grad[:3]
         return (dY @ W if need_X else None, dY.t() @ X if need_W else None,
                 dp.sum(0) if need_b else None, None, None)
@@ -219,7 +233,7 @@ def _recomputed_grads(ctx, inputs: tuple, G: Tensor) -> tuple:
 def _fusable(m: nn.Module, after, X: Tensor) -> bool:
     """Whether ``m`` and the layer ``after`` it run as one :class:`_LinearActivation` (not under
     autocast or torch.compile, whose casts and tracing the hand-written reverse pass would skip)."""
-    return (type(m) is nn.Linear and type(after) in REVERSE and X.dim() == 2
+    return (type(m) is nn.Linear and type(after) in FUSED and X.dim() == 2
             and not torch.is_autocast_enabled(X.device.type) and not torch.compiler.is_compiling())
 
 
