@@ -183,19 +183,26 @@ def hutchinson(folder: str, tau: float = 0.05) -> str:
     return "\n".join(lines)
 
 
-def zoo(folder: str) -> str:
-    """Decoder-only GRAE≈ steps on users' decoders against the plain step (fastjac.bench.zoo)."""
-    name = "zoo_cpu.json"
+def _zoo_table(folder: str, name: str) -> list:
     r = results.load(os.path.join(folder, name))
+    malloc = r["settings"].get("malloc") or {}
+    env = ", ".join(f"`{k}={v}`" for k, v in malloc.items()) or "glibc malloc's defaults"
     lines = [_study_head(r, name, f"python -m fastjac.bench.zoo --out benchmarks/results/{name}")
-             + " Medians of interleaved repeats.", "",
+             + f" Medians of interleaved repeats; allocator: {env}.", "",
              "| decoder | z shape | plain step | GRAE≈ k=1, fastjac (× plain) | GRAE≈ k=1, torch.func by hand (× plain) |",
              "|---|---|---:|---:|---:|"]
     for row in r["rows"]:
         plain = row["steps"]["plain"]["median_s"]
         lines.append(f"| {row['decoder']} | {tuple(row['z_shape'])} | {1e3 * plain:.2f} ms | "
                      f"{row['ratio']['fastjac']:.2f} | {row['ratio']['torch.func']:.2f} |")
-    return "\n".join(lines)
+    return lines
+
+
+def zoo(folder: str) -> str:
+    """Decoder-only GRAE≈ steps on users' decoders against the plain step (fastjac.bench.zoo),
+    one table per ``zoo_cpu*.json`` (e.g. with glibc malloc's defaults and tuned)."""
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "zoo_cpu*.json")))
+    return "\n\n".join("\n".join(_zoo_table(folder, name)) for name in names)
 
 
 def examples(folder: str) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from typing import Callable, Optional
 
 import torch
@@ -171,6 +172,13 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def malloc_settings() -> dict:
+    """The glibc malloc tunables in the environment: the stacked passes' larger buffers make
+    glibc's default trim/mmap thresholds return memory and fault it back in on every step, so
+    the ratios depend on them (as PyTorch's CPU tuning guide says of allocators in general)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastjac.bench.zoo", description=__doc__.split("\n")[0])
     parser.add_argument("--decoders", nargs="*", choices=list(DECODERS), default=None)
@@ -190,7 +198,8 @@ def main(argv=None) -> int:
             print(f"  {rival:<11}" + "".join(f"  {k}: {v:7.2f}" for k, v in sorted(cats.items())))
     if args.out:
         result = results.record("fastjac.bench.zoo", program="python -m fastjac.bench.zoo", argv=argv,
-                                settings={"repeats": repeats, "threads": args.threads, "beta": BETA})
+                                settings={"repeats": repeats, "threads": args.threads, "beta": BETA,
+                                          "malloc": malloc_settings()})
         result["rows"] = rows
         if parts:
             result["breakdown"] = parts
