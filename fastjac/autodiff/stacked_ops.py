@@ -65,10 +65,11 @@ class _Pass:
 
     Rules see the tangent rows as blocks (k, B, …) that broadcast against the primal rows (B, …),
     and for k = 1 as (B, …) itself (no broadcasting: its backward would add a reduction per op)."""
-    __slots__ = ("B", "k", "lead", "grad")
+    __slots__ = ("B", "k", "lead", "grad", "open")
 
     def __init__(self, B: int, k: int):
         self.B, self.k, self.lead = B, k, ((k,) if k > 1 else ())
+        self.open = True  # until push returns; then its tensors (kept by autograd) act as plain ones
         self.grad = torch.is_grad_enabled()  # a call under no_grad after this: see _pass_of
 
     def split(self, X: Tensor) -> tuple:
@@ -91,7 +92,8 @@ class Stacked(Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in METADATA:
+        if func in METADATA or not _in_open_pass(args, kwargs):
+            # e.g. backward ops on saved tensors under a user's dispatch mode, after the pass
             with DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         ctx = _pass_of(args, kwargs)
@@ -113,6 +115,10 @@ def _stacked_in(args) -> list:
         elif isinstance(a, (list, tuple)):
             found.extend(x for x in a if isinstance(x, Stacked))
     return found
+
+
+def _in_open_pass(args, kwargs) -> bool:
+    return any(getattr(getattr(x, "_fj", None), "open", False) for x in _stacked_in(list(args) + list(kwargs.values())))
 
 
 def _pass_of(args, kwargs) -> _Pass:
@@ -747,7 +753,11 @@ def push(decoder: Callable, select: Callable[[Any], Tensor], z: Tensor, tangents
     """(out (B, *out), tangent outputs (k, B, *out)) of ``select(decoder(z))`` and its JVPs along
     ``tangents`` (k, B, *latent), by one stacked run; :class:`Unsupported` if the decoder does
     anything the rules do not cover."""
-    return unstack(select(decoder(stack(z, tangents))))
+    X = stack(z, tangents)
+    try:
+        return unstack(select(decoder(X)))
+    finally:
+        X._fj.open = False
 
 
 def hooked(modules) -> bool:
