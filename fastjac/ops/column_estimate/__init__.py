@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _custom, _dispatch
 from .._gram import accumulation_dtype, column_norms, gram_backward
 from .._operands import cast_grad, operands
 from ... import _validation as check
@@ -30,11 +30,7 @@ def _forward(J: Tensor, w: Optional[Tensor], beta: Tensor, scale: Optional[Tenso
     return reference.value(n, beta, scale), n.contiguous()
 
 
-_column_estimate_op = torch.library.custom_op("fastjac::column_estimate", _forward, mutates_args=())
-
-
-@_column_estimate_op.register_fake
-def _(J, w, beta, scale, backend):
+def _fake(J, w, beta, scale, backend):
     acc = accumulation_dtype(J.dtype)
     return J.new_empty(J.shape[0], dtype=acc), J.new_empty(J.shape[0], J.shape[2], dtype=acc)
 
@@ -43,6 +39,7 @@ def _setup(ctx, inputs, output):
     J, w, beta, scale, backend = inputs
     ctx.save_for_backward(J, w, beta, scale, output[1])
     ctx.backend = backend
+    ctx.mark_non_differentiable(output[1])  # the norms: saved for the backward only
 
 
 def _backward(ctx, grad, _grad_n):
@@ -58,29 +55,14 @@ def _backward(ctx, grad, _grad_n):
     return cast_grad(grad_J, J), cast_grad(grad_w, w), cast_grad(grad_beta, beta), None, None
 
 
-_column_estimate_op.register_autograd(_backward, setup_context=_setup)
-
-
-class _Eager(torch.autograd.Function):
-    """The op's own forward, backward and saved state, without the custom-op dispatch, whose
-    round trip (~70 µs) is most of the op's cost on GRAE≈'s few columns; torch.compile sees
-    the registered op instead."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-        return output
-
-    backward = staticmethod(_backward)
+_column_estimate = _custom.operator("fastjac::column_estimate", _forward, fake=_fake, setup=_setup,
+                                     backward=_backward)
 
 
 def _call(what, J, w, beta, scale, backend):
     B, D, k = J.shape
     name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=k)
-    op = torch.ops.fastjac.column_estimate if torch.compiler.is_compiling() else _Eager.apply
-    value, _n = op(J, w, beta, scale, name)
+    value, _n = _column_estimate(J, w, beta, scale, name)
     if check.values_checked():
         check.condition("J", torch.isfinite(value), (
             f"{what}: the column norms ‖J_w e_i‖² overflow {value.dtype} (entries of J around "

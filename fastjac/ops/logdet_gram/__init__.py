@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _custom, _dispatch
 from .._gram import accumulation_dtype, gram_backward
 from .._operands import cast_grad, operands
 from ... import _validation as check
@@ -32,8 +32,7 @@ OP = "logdet_gram"
 _dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, gram_backward=gram_backward))
 
 
-@torch.library.custom_op("fastjac::logdet_gram", mutates_args=())
-def _logdet_gram_op(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int,
+def _forward(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: int,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(log det M (B,), M⁻¹ (B, d, d), diag M (B, d)), M = I + mask ⊙ JᵀWJ/β with blocks of
     ``block_size``; diag M (not differentiable) feeds the float32 error estimate."""
@@ -41,8 +40,7 @@ def _logdet_gram_op(J: Tensor, w: Optional[Tensor], beta: Tensor, block_size: in
     return logdet, m_inv.contiguous(), m_diag.contiguous()  # the layout the fake promises
 
 
-@_logdet_gram_op.register_fake
-def _(J, w, beta, block_size, backend):
+def _fake(J, w, beta, block_size, backend):
     B, _, d = J.shape
     acc = accumulation_dtype(J.dtype)
     return J.new_empty(B, dtype=acc), J.new_empty(B, d, d, dtype=acc), J.new_empty(B, d, dtype=acc)
@@ -67,7 +65,8 @@ def _backward(ctx, grad_logdet, grad_m_inv, _grad_m_diag):
     return cast_grad(grads[0], J), cast_grad(grads[1], w), cast_grad(grads[2], beta), None, None
 
 
-_logdet_gram_op.register_autograd(_backward, setup_context=_setup)
+_logdet_gram = _custom.operator("fastjac::logdet_gram", _forward, fake=_fake, setup=_setup,
+                                backward=_backward)
 
 
 def _factorised(J, beta, weights, block_size: Optional[int], backend: str):
@@ -76,7 +75,7 @@ def _factorised(J, beta, weights, block_size: Optional[int], backend: str):
     B, D, d = J.shape
     block_size = d if block_size is None else min(block_size, d)
     name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=d)
-    logdet, m_inv, m_diag = torch.ops.fastjac.logdet_gram(J, w, beta, block_size, name)
+    logdet, m_inv, m_diag = _logdet_gram(J, w, beta, block_size, name)
     return logdet, m_inv, m_diag, D
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _custom, _dispatch
 from .._gram import accumulation_dtype, gram, gram_backward
 from .._operands import cast_grad
 from ... import _validation as check
@@ -22,16 +22,14 @@ OP = "orthogonality_penalty"
 _dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, gram_backward=gram_backward))
 
 
-@torch.library.custom_op("fastjac::orthogonality_penalty", mutates_args=())
-def _orthogonality_op(J: Tensor, w: Optional[Tensor], block_size: int, eps: float,
+def _forward(J: Tensor, w: Optional[Tensor], block_size: int, eps: float,
                       backend: str) -> tuple[Tensor, Tensor]:
     """(P (B,), C = J_wᵀJ_w (B, k, k))."""
     C = _dispatch.implementation(OP, backend).forward(J, w)
     return reference.penalty(C, block_size, eps), C.contiguous()
 
 
-@_orthogonality_op.register_fake
-def _(J, w, block_size, eps, backend):
+def _fake(J, w, block_size, eps, backend):
     B, _, k = J.shape
     acc = accumulation_dtype(J.dtype)
     return J.new_empty(B, dtype=acc), J.new_empty(B, k, k, dtype=acc)
@@ -54,7 +52,8 @@ def _backward(ctx, grad, _grad_C):
     return cast_grad(grad_J, J), cast_grad(grad_w, w), None, None, None
 
 
-_orthogonality_op.register_autograd(_backward, setup_context=_setup)
+_orthogonality_penalty = _custom.operator("fastjac::orthogonality_penalty", _forward, fake=_fake, setup=_setup,
+                                          backward=_backward)
 
 
 def _checked(J, block_size, weights, eps):
@@ -87,7 +86,7 @@ def orthogonality_penalty(J: Tensor, *, block_size: int = 1, weights=None, eps: 
         J, w = _checked(J, block_size, weights, eps)
         B, D, k = J.shape
         name = _dispatch.resolve(OP, backend, J, B=B, D=D, d=k)
-        P, _C = torch.ops.fastjac.orthogonality_penalty(J, w, block_size, float(eps), name)
+        P, _C = _orthogonality_penalty(J, w, block_size, float(eps), name)
         if check.values_checked():
             check.condition("J", torch.isfinite(P), (
                 f"orthogonality_penalty: J_wᵀJ_w overflows {P.dtype} (entries of J around 1e19 or "

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _dispatch
+from .. import _custom, _dispatch
 from ... import _validation as check
 from . import reference
 
@@ -23,14 +23,12 @@ ACTIVATIONS = tuple(reference.ACTIVATIONS)
 _dispatch.register(OP, "torch", _dispatch.Implementation(reference.forward, reference.backward))
 
 
-@torch.library.custom_op("fastjac::tangent_linear", mutates_args=())
-def _tangent_linear_op(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[Tensor],
+def _forward(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[Tensor],
                        activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return _dispatch.implementation(OP, backend).forward(h, tangents, weight, bias, activation)
 
 
-@_tangent_linear_op.register_fake
-def _(h, tangents, weight, bias, activation, backend):
+def _fake(h, tangents, weight, bias, activation, backend):
     N, out, k = h.shape[0], weight.shape[0], tangents.shape[0]
     return h.new_empty(N, out), h.new_empty(k, N, out), h.new_empty(N, out)
 
@@ -73,7 +71,8 @@ def _backward(ctx, grad_y, grad_U, _grad_a):
     return (*grads, None, None)
 
 
-_tangent_linear_op.register_autograd(_backward, setup_context=_setup)
+_tangent_linear = _custom.operator("fastjac::tangent_linear", _forward, fake=_fake, setup=_setup,
+                                   backward=_backward)
 
 
 def tangent_linear(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
@@ -115,7 +114,7 @@ def tangent_linear(h: Tensor, tangents: Tensor, weight: Tensor, bias: Optional[T
                             f"got {t.dtype} on {t.device}")
     check.choice("activation", activation, ACTIVATIONS)
     name = _dispatch.resolve(OP, backend, h, B=N, D=weight.shape[0], d=tangents.shape[0])
-    y, U, _a = torch.ops.fastjac.tangent_linear(h, tangents, weight, bias, activation, name)
+    y, U, _a = _tangent_linear(h, tangents, weight, bias, activation, name)
     return y, U
 
 
