@@ -136,3 +136,12 @@ def test_fused_pairs_are_what_the_mlp_runs(monkeypatch):
     dec = nn.Sequential(nn.Linear(4, 8), nn.ELU(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 6), nn.Sigmoid()).to(DT)
     check_exact(dec, torch.randn(3, 4, dtype=DT, requires_grad=True))
     assert calls == [nn.ELU, nn.ELU, nn.Sigmoid]
+
+
+@pytest.mark.parametrize("act", FUSED_ACTIVATIONS)
+def test_fused_pairs_at_one_sample_and_one_latent(act):
+    """B = 1 and d = 1 (a one-column stack, one primal row) through fused pairs, against brute force."""
+    torch.manual_seed(0)
+    dec = nn.Sequential(nn.Linear(1, 7), ACTIVATION_LAYERS[act](), nn.Linear(7, 5, bias=False),
+                        ACTIVATION_LAYERS[act]()).to(DT)
+    check_exact(dec, torch.randn(1, 1, dtype=DT, requires_grad=True))
