@@ -86,10 +86,20 @@ void gram_backward(int dtype, Target t, int64_t B, int64_t D, int d, Strided J, 
   });
 }
 
+void dense_backward(int dtype, int act, double param, int64_t B, int64_t k, int64_t N, int64_t y, int64_t u,
+                    int64_t gy, int64_t gu, int64_t dY, int64_t db, int threads) {
+  py::gil_scoped_release release;
+  by_dtype(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    fastjac::host::dense_backward<T>(act, T(param), B, k, N, ptr<T>(y), ptr<T>(u), ptr<T>(gy), ptr<T>(gu), ptr<T>(dY),
+                                     ptr<T>(db), threads);
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastjac's compiled kernels: batched Cholesky log-determinant of I + J_wᵀJ_w/β (host and CUDA)";
+  m.doc() = "fastjac's compiled kernels: batched Cholesky log-determinant of I + J_wᵀJ_w/β (host and CUDA), the reverse of dense layers on stacked rows (host)";
   py::class_<Target>(m, "Target")
       .def(py::init<int, int64_t, int>(), py::arg("device"), py::arg("stream"), py::arg("threads"));
   m.attr("has_cuda") = fastjac::cuda::built();
@@ -104,4 +114,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("gram_backward", &gram_backward, "grad_J = 2 W J Gamma, grad_w = rowsum(J Gamma * J) (CUDA)",
         py::arg("dtype"), py::arg("target"), py::arg("B"), py::arg("D"), py::arg("d"), py::arg("J"),
         py::arg("w"), py::arg("gamma"), py::arg("grad_J"), py::arg("grad_w"));
+  m.def("dense_backward", &dense_backward,
+        "reverse of a dense layer's activation on stacked rows (host; contiguous; dY may hold gy, gu; db may be 0)",
+        py::arg("dtype"), py::arg("act"), py::arg("param"), py::arg("B"), py::arg("k"), py::arg("N"),
+        py::arg("y"), py::arg("u"), py::arg("gy"), py::arg("gu"), py::arg("dY"), py::arg("db"), py::arg("threads"));
 }

@@ -22,7 +22,7 @@ import warnings
 from setuptools import Extension
 from setuptools.command.build_ext import build_ext
 
-HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/cholesky_batch.cpp"]
+HOST_SOURCES = ["csrc/bindings.cpp", "csrc/host/cholesky_batch.cpp", "csrc/host/dense_chain.cpp"]
 CUDA_SOURCE = "csrc/cuda/gram_cholesky.cu"
 CUDA_STUB = "csrc/cuda/stub.cpp"
 CXX_FLAGS = ["-std=c++17", "-O3", "-fopenmp-simd", "-fvisibility=hidden"]

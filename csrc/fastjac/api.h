@@ -34,6 +34,12 @@ namespace host {
 template <class T> void factor(int64_t B, int d, const T* beta, int bs, T* L, T* logdet, T* diag, int threads);
 // out = M⁻¹ = (L Lᵀ)⁻¹ (B, d, d), block-diagonal for bs < d.
 template <class T> void inverse(int64_t B, int d, int bs, const T* L, T* out, int threads);
+// The reverse of one dense layer's activation on stacked rows (host/dense_chain.cpp): y (B, N)
+// and u (k·B, N) the layer's primal and tangent outputs, gy and gu their gradients, dY
+// ((1 + k)·B, N; may hold gy, gu) the gradient of the pre-activation, db (N; null: skipped) the
+// bias gradient; act 0 identity, 1 ELU(param), 2 sigmoid, 3 tanh, 4 ReLU, 5 LeakyReLU(param).
+template <class T> void dense_backward(int act, T param, int64_t B, int64_t k, int64_t N, const T* y, const T* u,
+                                       const T* gy, const T* gu, T* dY, T* db, int threads);
 }  // namespace host
 
 namespace cuda {

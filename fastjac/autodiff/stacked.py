@@ -9,9 +9,11 @@ the k tangents stacked along the batch, X = [z; t_1; …; t_k] ((1 + k)·B rows)
 - BatchNorm in eval mode: the primal through torch, the tangents scaled by weight/√(var + ε);
 - an activation σ: primal rows σ(p), tangent rows σ′(p) ⊙ t by torch's fused backward kernel of σ.
 Everything is ordinary torch ops, so the result is differentiable by reverse mode, exactly (the
-kernels' own derivatives are torch's double-backward formulas). Against ``torch.func.jvp`` under ``vmap`` this
-saves one call and one weight-gradient sum per layer in backward, and all of functorch's
-per-op overhead (a GRAE≈ step on the benchmarks' MLP: see ``fastjac.bench.zoo``).
+kernels' own derivatives are torch's double-backward formulas), except runs of Linear layers
+with their activations: those are one autograd node with its reverse pass written out
+(:mod:`fastjac.autodiff.dense_chain`). Against ``torch.func.jvp`` under ``vmap`` this saves one
+call and one weight-gradient sum per layer in backward, and all of functorch's per-op overhead
+(a GRAE≈ step on the benchmarks' MLP: see ``fastjac.bench.zoo``).
 
 Any other module (or a hook, or a training-mode BatchNorm/Dropout) makes :func:`supports` false
 and the decoder goes through torch.func under the op rules instead.
@@ -23,6 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import dense_chain
 
 
 aten = torch.ops.aten
@@ -41,7 +45,7 @@ def _silu_tangent(t: Tensor, p: Tensor) -> Tensor:
 # ~3e-8 in float64, and the stacked result would then differ from every other path.)
 ACTIVATIONS: dict = {
     nn.Identity: (lambda m, p: p, None),
-    nn.ELU: (lambda m, p: F.elu(p, m.alpha), lambda m, t, p, y: aten.elu_backward(t, m.alpha, 1, 1, True, y)),
+    nn.ELU: (lambda m, p: F.elu(p, m.alpha), lambda m, t, p, y: aten.elu_backward(t, m.alpha, 1, 1, False, p)),
     nn.ReLU: (lambda m, p: F.relu(p), lambda m, t, p, y: aten.threshold_backward(t, y, 0)),
     nn.LeakyReLU: (lambda m, p: F.leaky_relu(p, m.negative_slope),
                    lambda m, t, p, y: aten.leaky_relu_backward(t, p, m.negative_slope, False)),
@@ -55,49 +59,6 @@ ACTIVATIONS: dict = {
 }
 
 
-def _summed(gT: Tensor, T: Tensor) -> Tensor:
-    """Σ over the k tangents of gT ⊙ T ((k, B, n) each): what σ″ multiplies in ∂/∂p."""
-    return gT[0] * T[0] if len(T) == 1 else (gT * T).sum(0)
-
-
-def _pre_elu(m, gY, gT, T, y):
-    # σ″ = σ′ where p ≤ 0 (and 0 above): σ′gY + σ″ Σ gT·T = σ′(gY + [y ≤ 0] Σ gT·T)
-    return _summed(gT, T).mul_(y <= 0).add_(gY)
-
-
-def _pre_sigmoid(m, gY, gT, T, y):
-    # σ″ = σ′(1 − 2y)
-    u = _summed(gT, T)
-    return torch.addcmul(gY, u, y, value=-2).add_(u)
-
-
-def _pre_tanh(m, gY, gT, T, y):
-    # σ″ = −2y σ′
-    return torch.addcmul(gY, _summed(gT, T), y, value=-2)
-
-
-def _pre_piecewise_linear(m, gY, gT, T, y):
-    # σ″ = 0
-    return gY
-
-
-# activation type -> (σ(p) into out, σ′(p) ⊙ t into out, (m, gY, gT, T, y) -> u with
-# ∂/∂p = σ′(p) ⊙ u): the kernels of ACTIVATIONS writing into a given buffer (the fused pairs of
-# :class:`_LinearActivation` build their outputs in place: fewer large allocations, no cat), and
-# the reverse of [σ(p); σ′(p) ⊙ T] in closed form, σ″ written out through σ′.
-FUSED: dict = {
-    nn.ELU: (lambda m, p, o: aten.elu.out(p, m.alpha, 1, 1, out=o),
-             lambda m, t, p, y, o: aten.elu_backward.grad_input(t, m.alpha, 1, 1, True, y, grad_input=o), _pre_elu),
-    nn.Sigmoid: (lambda m, p, o: torch.sigmoid(p, out=o),
-                 lambda m, t, p, y, o: aten.sigmoid_backward.grad_input(t, y, grad_input=o), _pre_sigmoid),
-    nn.Tanh: (lambda m, p, o: torch.tanh(p, out=o),
-              lambda m, t, p, y, o: aten.tanh_backward.grad_input(t, y, grad_input=o), _pre_tanh),
-    nn.ReLU: (lambda m, p, o: torch.clamp_min(p, 0, out=o),
-              lambda m, t, p, y, o: aten.threshold_backward.grad_input(t, y, 0, grad_input=o), _pre_piecewise_linear),
-    nn.LeakyReLU: (lambda m, p, o: aten.leaky_relu.out(p, m.negative_slope, out=o),
-                   lambda m, t, p, y, o: aten.leaky_relu_backward.grad_input(t, p, m.negative_slope, False,
-                                                                             grad_input=o), _pre_piecewise_linear),
-}
 LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ROWWISE = (nn.Flatten, nn.Unflatten, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Dropout)
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -184,57 +145,19 @@ def _activation(m: nn.Module, X: Tensor, B: int, k: int, bias=None) -> Tensor:
     return torch.cat([y, tangent(m, T, p_k, y_k)])
 
 
-class _LinearActivation(torch.autograd.Function):
-    """An ``nn.Linear`` and the activation after it on the stack X ((1 + k)·B, n_in): the primal
-    rows σ(x Wᵀ + b), the tangent rows σ′ ⊙ t Wᵀ, with the reverse pass written out (:data:`FUSED`):
-    one GEMM each for ∂W and ∂X over the whole stack and a few elementwise kernels, and no
-    autograd graph inside the pair, whose bookkeeping costs as much as the GEMMs on small layers.
-    Double backward (``create_graph``) recomputes the pair with ordinary ops and differentiates those."""
-
-    @staticmethod
-    def forward(ctx, X, W, b, act, B):
-        Y = F.linear(X, W)
-        p, T = Y[:B], Y[B:].view(-1, B, Y.shape[1])
-        p = p if b is None else p.add_(b)  # Y is ours: the bias goes into the primal rows in place
-        sigma, tangent, _ = FUSED[type(act)]
-        out = torch.empty_like(Y)
-        y = sigma(act, p, out[:B])
-        tangent(act, T, p, y, out[B:].view(T.shape))
-        ctx.save_for_backward(X, W, b, p, T, out)  # the output, not its view y (made without grad)
-        ctx.act, ctx.B = act, B
-        return out
-
-    @staticmethod
-    def backward(ctx, G):
-        X, W, b, p, T, out = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            return _recomputed_grads(ctx, (X, W, b), G)
-        y = out[: ctx.B]
-        _, tangent, pre = FUSED[type(ctx.act)]
-        gY, gT = G[: ctx.B], G[ctx.B:].reshape(T.shape)
-        dY = G.new_empty(G.shape)
-        dp = tangent(ctx.act, pre(ctx.act, gY, gT, T, y), p, y, dY[: ctx.B])
-        tangent(ctx.act, gT, p, y, dY[ctx.B:].view(T.shape))
-        need_X, need_W, need_b = ctx.needs_input_grad[:3]
-        return (dY @ W if need_X else None, dY.t() @ X if need_W else None,
-                dp.sum(0) if need_b else None, None, None)
-
-
-def _recomputed_grads(ctx, inputs: tuple, G: Tensor) -> tuple:
-    """The pair's gradients as a differentiable graph (double backward): rerun it unfused."""
-    X, W, b = inputs
-    need = [bool(n) and t is not None for t, n in zip(inputs, ctx.needs_input_grad)]
-    with torch.enable_grad():
-        out = _activation(ctx.act, F.linear(X, W), ctx.B, (X.shape[0] - ctx.B) // ctx.B, b)
-        found = iter(torch.autograd.grad(out, [t for t, n in zip(inputs, need) if n], G, create_graph=True))
-    return tuple(next(found) if n else None for n in need) + (None, None)
-
-
-def _fusable(m: nn.Module, after, X: Tensor) -> bool:
-    """Whether ``m`` and the layer ``after`` it run as one :class:`_LinearActivation` (not under
-    autocast or torch.compile, whose casts and tracing the hand-written reverse pass would skip)."""
-    return (type(m) is nn.Linear and type(after) in FUSED and X.dim() == 2
-            and not torch.is_autocast_enabled(X.device.type) and not torch.compiler.is_compiling())
+def _dense_run(layers: list, X: Tensor) -> list:
+    """The (Linear, activation or None) pairs from the start of ``layers`` that run as one
+    :class:`~fastjac.autodiff.dense_chain.DenseChain` node: plain Linear layers on 2-D stacks,
+    outside autocast and torch.compile (whose casts and tracing its hand-written reverse pass
+    would skip), each with the activation after it when that one can join."""
+    if X.dim() != 2 or torch.is_autocast_enabled(X.device.type) or torch.compiler.is_compiling():
+        return []
+    run, i = [], 0
+    while i < len(layers) and type(layers[i]) is nn.Linear:
+        act = layers[i + 1] if i + 1 < len(layers) and dense_chain.chainable(layers[i + 1]) else None
+        run.append((layers[i], act))
+        i += 1 if act is None else 2
+    return run
 
 
 def _leaves(decoder: nn.Sequential):
@@ -245,23 +168,32 @@ def _leaves(decoder: nn.Sequential):
 def push(decoder: nn.Sequential, z: Tensor, tangents: Tensor):
     """(out (B, *out), tangent outputs (k, B, *out)) for z (B, *latent), tangents (k, B, *latent).
 
-    A linear layer's bias is added by the activation right after it (to its input rows), or on
+    Runs of Linear layers and their activations go as one node (:func:`_dense_run`), on the
+    primal and tangent rows apart (P, T); everything else on their stack X = [P; T]. Any other
+    linear layer's bias is added by the activation right after it (to its input rows), or on
     its own before any other layer: no copy of the stack for it."""
     k, B = tangents.shape[:2]
-    X = torch.cat([z.unsqueeze(0), tangents.to(z.dtype)]).reshape((k + 1) * B, *z.shape[1:])
-    bias, fused = None, False
     layers = list(_leaves(decoder))
-    for m, after in zip(layers, layers[1:] + [None]):
-        if fused:  # the activation already applied with the linear layer before it
-            fused = False
-        elif type(m) in ACTIVATIONS:
+    P, T, X, bias, i = z, tangents.to(z.dtype).reshape(k * B, *z.shape[1:]), None, None, 0
+    while i < len(layers):
+        run = _dense_run(layers[i:], P if X is None else X)
+        if run:
+            if X is not None:
+                P, T = _with_bias(X, bias, B).split([B, k * B])
+            (P, T), X, bias = dense_chain.run(P, T, run), None, None
+            i += sum(1 if act is None else 2 for _, act in run)
+            continue
+        if X is None:
+            X = torch.cat([P, T])
+        m = layers[i]
+        if type(m) in ACTIVATIONS:
             X, bias = _activation(m, X, B, k, bias), None
-        elif _fusable(m, after, X):
-            X, bias, fused = _LinearActivation.apply(_with_bias(X, bias, B), m.weight, m.bias, after, B), None, True
         else:
             X, bias = _layer(m, _with_bias(X, bias, B), B, k)
-    out, T = _with_bias(X, bias, B).split([B, k * B])
-    return out, T.reshape(k, B, *X.shape[1:])
+        i += 1
+    if X is not None:
+        P, T = _with_bias(X, bias, B).split([B, k * B])
+    return P, T.reshape(k, B, *P.shape[1:])
 
 
 def _layer(m: nn.Module, X: Tensor, B: int, k: int) -> tuple:
