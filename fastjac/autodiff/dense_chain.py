@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 
 from .. import _extension
 
@@ -101,9 +102,15 @@ def backward_reference(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Te
     return dY
 
 
+def _in_host_memory(t: Tensor) -> bool:
+    """A plain CPU tensor whose memory the kernel may read (not fake, not a torch.func wrapper)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not is_functorch_wrapped_tensor(t)
+
+
 def _backward_layer(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Tensor, bias: bool):
     """(dY, ∂ bias (m,) or None): one layer's reverse (:func:`backward_reference`, or the kernel)."""
-    if _extension.module is not None and dY.device.type == "cpu" and dY.dtype in _extension.DTYPE_CODES:
+    if _extension.module is not None and all(map(_in_host_memory, (y, u, gy, gu, dY))) \
+            and dY.dtype in _extension.DTYPE_CODES:
         a = ACTIVATIONS[type(act)] if act is not None else None
         db = dY.new_empty(dY.shape[1]) if bias else None
         _extension.module.dense_backward(
@@ -134,11 +141,12 @@ def reference(P: Tensor, T: Tensor, layers: list) -> Tensor:
 
 class DenseChain(torch.autograd.Function):
     """The run (module docstring) as one node: apply(P, T, spec, *params) -> (primal out, tangent
-    outputs); params are the layers' weights and biases in order (those that exist), spec is
+    outputs, the inner layers' output stacks (non-differentiable; kept for the reverse pass));
+    params are the layers' weights and biases in order (those that exist), spec is
     [(weight index, bias index or None, activation or None)] per layer."""
 
     @staticmethod
-    def forward(ctx, P, T, spec, *params):
+    def forward(P, T, spec, *params):
         B, k = P.shape[0], T.shape[0] // P.shape[0]
         stacks, X = [], None  # each inner layer's output stack (the input of the next)
         for i, (wi, bi, act) in enumerate(spec):
@@ -156,12 +164,18 @@ class DenseChain(torch.autograd.Function):
             _activate(Y, U, b, act, k)
             if not last:
                 stacks.append(X)
-        ctx.save_for_backward(P, T, *stacks, Y, U, *params)
-        ctx.spec = spec
-        return Y, U
+        return (Y, U, *stacks)
 
     @staticmethod
-    def backward(ctx, gY, gU):
+    def setup_context(ctx, inputs, output):  # (a separate step: torch.func transforms need it)
+        P, T, spec, *params = inputs
+        Y, U, *stacks = output
+        ctx.save_for_backward(P, T, *stacks, Y, U, *params)
+        ctx.mark_non_differentiable(*stacks)  # kept for the reverse pass only
+        ctx.spec = spec
+
+    @staticmethod
+    def backward(ctx, gY, gU, *_stacks):
         spec, need = ctx.spec, ctx.needs_input_grad
         L = len(spec)
         saved = ctx.saved_tensors
@@ -218,4 +232,4 @@ def run(P: Tensor, T: Tensor, layers: list) -> tuple:
             bi = len(params)
             params.append(lin.bias)
         spec.append((wi, bi, act))
-    return DenseChain.apply(P, T, spec, *params)
+    return DenseChain.apply(P, T, spec, *params)[:2]

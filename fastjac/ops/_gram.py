@@ -39,8 +39,14 @@ def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = 
         return None, None
     gamma = per_sample_scaled(gamma, scale)
     Jc = J.to(gamma.dtype)
-    JG = Jc * gamma.unsqueeze(1) if gamma.dim() == 2 else Jc @ gamma
-    grad_w = (JG * Jc).sum(-1) if need_w else None
+
+    def times(G):  # J Γ, with Γ diagonal or not
+        return Jc * G.unsqueeze(1) if G.dim() == 2 else Jc @ G
+    if not need_w:  # the 2 folded into Γ (exact): one pass over J
+        grad_J = times(2 * gamma)
+        return (grad_J if w is None else w.to(gamma.dtype).unsqueeze(-1) * grad_J), None
+    JG = times(gamma)
+    grad_w = (JG * Jc).sum(-1)
     grad_J = None
     if need_J:
         grad_J = 2 * JG if w is None else 2 * w.to(gamma.dtype).unsqueeze(-1) * JG
