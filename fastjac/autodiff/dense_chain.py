@@ -5,10 +5,11 @@ Shapes: the primal rows P (B, n₀) and the tangent rows T (k·B, n₀) go in; t
 
 Why one node: on the benchmarks' MLP, the autograd graph of the unfused layers (a node and its
 bookkeeping per op, temporaries for every elementwise step) costs as much as the extra GEMMs of
-the tangent rows. Here each layer is one GEMM on the whole stack in forward (the last layer two,
-so that its outputs are separate tensors, not views that autograd would forbid to modify in
-place), then the bias, σ and σ′ written in place into the GEMM's output; backward is one
+the tangent rows. Here each layer is one GEMM on the whole stack in forward (one weight packing
+for all rows), then the bias, σ and σ′ written in place into the GEMM's output; backward is one
 elementwise pass and two GEMMs (∂W, ∂X) per layer, the pass in place in the previous layer's ∂X.
+The two outputs are views of the last layer's stack, kept for the reverse pass: modifying one
+in place is an autograd error, never a wrong gradient.
 
 Why the reverse pass needs only the layer outputs: for the activations in :data:`ACTIVATIONS`,
 σ′ and the ratio r = σ″/σ′ are functions of y = σ(p) (ELU: σ′ = y + α, r = 1 where y ≤ 0; sigmoid:
@@ -148,23 +149,19 @@ class DenseChain(torch.autograd.Function):
     @staticmethod
     def forward(P, T, spec, *params):
         B, k = P.shape[0], T.shape[0] // P.shape[0]
-        stacks, X = [], None  # each inner layer's output stack (the input of the next)
-        for i, (wi, bi, act) in enumerate(spec):
+        stacks, X = [], None  # each layer's output stack (the input of the next)
+        for wi, bi, act in spec:
             W, b = params[wi], None if bi is None else params[bi]
-            last = i + 1 == len(spec)
-            P_in, T_in = (P, T) if X is None else (X[:B], X[B:])
-            if last:  # separate outputs (module docstring)
-                Y, U = torch.mm(P_in, W.t()), torch.mm(T_in, W.t())
-            elif X is None:  # the first layer: one buffer, two GEMMs, and no copy of P and T
+            if X is None:  # the first layer: one buffer, two GEMMs, and no copy of P and T
                 X = P.new_empty((P.shape[0] + T.shape[0], W.shape[0]))
-                Y, U = torch.mm(P, W.t(), out=X[:B]), torch.mm(T, W.t(), out=X[B:])
+                torch.mm(P, W.t(), out=X[:B])
+                torch.mm(T, W.t(), out=X[B:])
             else:
                 X = torch.mm(X, W.t())
-                Y, U = X[:B], X[B:]
-            _activate(Y, U, b, act, k)
-            if not last:
-                stacks.append(X)
-        return (Y, U, *stacks)
+            _activate(X[:B], X[B:], b, act, k)
+            stacks.append(X)
+        stacks.pop()
+        return (X[:B], X[B:], *stacks)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # (a separate step: torch.func transforms need it)
