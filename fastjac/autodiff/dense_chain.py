@@ -94,7 +94,7 @@ def backward_reference(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Te
             dT.copy_(gu)
         return dY
     a = ACTIVATIONS[type(act)]
-    U, gU = u.view(-1, *y.shape), gu.view(-1, *y.shape)
+    U, gU = u.reshape(-1, *y.shape), gu.reshape(-1, *y.shape)
     r = None if a.ratio is None else (gU * U).sum(0).mul_(a.ratio(act, y))  # before dY may overwrite gu
     a.tangent(act, gU, y, grad_input=dT.view(U.shape))
     a.tangent(act, gy, y, grad_input=dP)
@@ -104,8 +104,9 @@ def backward_reference(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Te
 
 
 def _in_host_memory(t: Tensor) -> bool:
-    """A plain CPU tensor whose memory the kernel may read (not fake, not a torch.func wrapper)."""
-    return type(t) is torch.Tensor and t.device.type == "cpu" and not is_functorch_wrapped_tensor(t)
+    """A plain contiguous CPU tensor whose memory the kernel may read (not fake, not a torch.func wrapper)."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and not is_functorch_wrapped_tensor(t)
+            and t.is_contiguous())
 
 
 def _backward_layer(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Tensor, bias: bool):
