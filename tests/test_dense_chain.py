@@ -95,7 +95,7 @@ def test_reverse_kernel_matches_reference(act, k, dtype):
 def test_strided_operands_take_the_reference():
     """The kernel reads contiguous rows only: a strided operand is handed to the torch reference."""
     g = torch.Generator().manual_seed(6)
-    y, u = torch.rand(3, 8, dtype=DT, generator=g), torch.randn(8, 6, dtype=DT, generator=g).t()  # u strided
+    y, u = torch.rand(3, 8, dtype=DT, generator=g), torch.randn(8, 3, dtype=DT, generator=g).t()  # u strided
     G = torch.randn(6, 8, dtype=DT, generator=g)
     want = dense_chain.backward_reference(nn.Tanh(), y, u.contiguous(), G[:3], G[3:], torch.empty_like(G))
     got, _ = dense_chain._backward_layer(nn.Tanh(), y, u, G[:3], G[3:], torch.empty_like(G), False)
