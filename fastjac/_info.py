@@ -6,6 +6,7 @@ import platform
 import torch
 
 from . import _validation
+from .autodiff import dense_chain
 from .estimators import ESTIMATORS
 from .ops import _dispatch
 
@@ -23,6 +24,7 @@ def info(file=None) -> dict:
         "operators": _dispatch.operators(),
         "estimators": {name: f"{fn.__module__}.{fn.__name__}" for name, fn in ESTIMATORS.items()},
         "value_checks": _validation.values_checked(),
+        "dense_runs": dense_chain.reverse_pass(),
     }
     lines = [f"fastjac {report['fastjac']}  python {report['python']}  torch {report['torch']}"
              f"  cuda {report['cuda']}  devices {report['cuda_devices'] or 'none'}",
@@ -33,6 +35,7 @@ def info(file=None) -> dict:
     for op, backends in report["operators"].items():
         lines.append(f"  {op:24s} {', '.join(backends)}")
     lines.append("estimators: " + ", ".join(f"{n} ({where})" for n, where in report["estimators"].items()))
+    lines.append(f"stacked Linear + activation runs, reverse pass: {report['dense_runs']}")
     lines.append(f"value checks: {'on' if report['value_checks'] else 'off'} in this thread "
                  "(one host sync per loss call when on)")
     print("\n".join(lines), file=file)

@@ -178,3 +178,11 @@ def test_the_node_under_torch_func_and_fake_tensors():
         zf = mode.from_tensor(z).requires_grad_()
         g, = torch.autograd.grad(loss(zf), zf)
         assert g.shape == z.shape
+
+
+def test_info_says_which_reverse_pass_runs(monkeypatch):
+    import fastjac
+    built = fastjac.info()["dense_runs"]
+    assert built.startswith("host kernel" if _extension.module is not None else "torch reference")
+    monkeypatch.setattr(_extension, "module", None)
+    assert fastjac.info()["dense_runs"].startswith("torch reference")

@@ -103,6 +103,13 @@ def backward_reference(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Te
     return dY
 
 
+def reverse_pass() -> str:
+    """Which implementation the elementwise part of the reverse pass takes on CPU tensors (``fastjac.info()``)."""
+    if _extension.module is None:
+        return f"torch reference ({_extension.reason})"
+    return "host kernel fastjac._C.dense_backward (float32/float64 CPU; torch reference elsewhere)"
+
+
 def _in_host_memory(t: Tensor) -> bool:
     """A plain contiguous CPU tensor whose memory the kernel may read (not fake, not a torch.func wrapper)."""
     return (type(t) is torch.Tensor and t.device.type == "cpu" and not is_functorch_wrapped_tensor(t)
