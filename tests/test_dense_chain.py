@@ -186,3 +186,22 @@ def test_info_says_which_reverse_pass_runs(monkeypatch):
     assert built.startswith("host kernel" if _extension.module is not None else "torch reference")
     monkeypatch.setattr(_extension, "module", None)
     assert fastjac.info()["dense_runs"].startswith("torch reference")
+
+
+@needs_extension
+def test_reverse_kernel_split_over_threads_matches_reference():
+    """A layer large enough that the kernel splits its columns over two threads (each owning its
+    slice of the bias gradient) gives the reference's result."""
+    g = torch.Generator().manual_seed(7)
+    B, N = 512, 2048  # B·(k + 1)·4·N multiply-adds > the kernel's per-thread grain
+    y = torch.rand(B, N, generator=g)
+    u, G = torch.randn(B, N, generator=g), torch.randn(2 * B, N, generator=g)
+    want = dense_chain.backward_reference(nn.Sigmoid(), y, u, G[:B], G[B:], torch.empty_like(G))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got, db = dense_chain._backward_layer(nn.Sigmoid(), y, u, G[:B], G[B:], torch.empty_like(G), True)
+    finally:
+        torch.set_num_threads(threads)
+    assert_close("dY", want, got, rtol=1e-6)
+    assert_close("db", want[:B].double().sum(0), db.double(), rtol=1e-4)
