@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from .. import _extension
 
@@ -116,10 +117,17 @@ def _in_host_memory(t: Tensor) -> bool:
             and t.is_contiguous())
 
 
-def _backward_layer(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Tensor, bias: bool):
-    """(dY, ∂ bias (m,) or None): one layer's reverse (:func:`backward_reference`, or the kernel)."""
-    if _extension.module is not None and all(map(_in_host_memory, (y, u, gy, gu, dY))) \
-            and dY.dtype in _extension.DTYPE_CODES:
+def _kernel_runs(*tensors: Tensor) -> bool:
+    """Whether the extension's kernel can take these operands (else the torch reference)."""
+    return (_extension.module is not None and tensors[0].dtype in _extension.DTYPE_CODES
+            and all(map(_in_host_memory, tensors)))
+
+
+def _backward_layer(act, y: Tensor, u: Tensor, gy: Tensor, gu: Tensor, dY: Tensor, bias: bool,
+                    kernel: Optional[bool] = None):
+    """(dY, ∂ bias (m,) or None): one layer's reverse (:func:`backward_reference`, or the kernel;
+    ``kernel`` None: decided from the operands)."""
+    if kernel if kernel is not None else _kernel_runs(y, u, gy, gu, dY):
         a = ACTIVATIONS[type(act)] if act is not None else None
         db = dY.new_empty(dY.shape[1]) if bias else None
         _extension.module.dense_backward(
@@ -154,6 +162,14 @@ class DenseChain(torch.autograd.Function):
     params are the layers' weights and biases in order (those that exist), spec is
     [(weight index, bias index or None, activation or None)] per layer."""
 
+    @classmethod
+    def apply(cls, *args):
+        """``Function.apply`` less its per-call ``inspect.signature`` binding (~60 µs a step here;
+        ``forward`` has no defaults to bind), unless a torch.func transform needs the full path."""
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
+
     @staticmethod
     def forward(P, T, spec, *params):
         B, k = P.shape[0], T.shape[0] // P.shape[0]
@@ -165,7 +181,7 @@ class DenseChain(torch.autograd.Function):
                 torch.mm(P, W.t(), out=X[:B])
                 torch.mm(T, W.t(), out=X[B:])
             else:
-                X = torch.mm(X, W.t())
+                X = F.linear(X, W)
             _activate(X[:B], X[B:], b, act, k)
             stacks.append(X)
         stacks.pop()
@@ -192,12 +208,13 @@ class DenseChain(torch.autograd.Function):
         gP = gT = None
         dY = gY.new_empty((B + U.shape[0], Y.shape[1]))  # the top layer's; below, in place in ∂X
         gY, gU = gY.contiguous(), gU.contiguous()
+        kernel = _kernel_runs(Y, U, gY, gU, dY)  # below the top every operand is one of our own buffers
         for i in range(L - 1, -1, -1):
             wi, bi, act = spec[i]
             if i + 1 < L:
                 Y, U = stacks[i][:B], stacks[i][B:]
             with_bias = bi is not None and need[3 + bi]
-            dY, db = _backward_layer(act, Y, U, gY, gU, dY, with_bias)
+            dY, db = _backward_layer(act, Y, U, gY, gU, dY, with_bias, kernel)
             W = params[wi]
             if need[3 + wi]:
                 grads[wi] = dY.t().mm(stacks[i - 1]) if i else torch.addmm(dY[:B].t().mm(P), dY[B:].t(), T)
