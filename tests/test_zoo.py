@@ -216,7 +216,15 @@ def spatial():
     return dec, torch.randn(2, 2, 3, 3, dtype=DT), {}
 
 
+def mlp():
+    """The benchmarks' MLP shape (Linear + ELU runs, sigmoid output): one dense-chain node as a module."""
+    seeded()
+    dec = nn.Sequential(nn.Linear(4, 16), nn.ELU(), nn.Linear(16, 16), nn.ELU(), nn.Linear(16, 12), nn.Sigmoid())
+    return dec.to(DT), torch.randn(3, 4, dtype=DT), {}
+
+
 ZOO = {
+    "MLP (Linear + ELU runs)": mlp,
     "diffusers AutoencoderKL.decoder": diffusers_kl,
     "diffusers AutoencoderKL.decode (output=sample)": diffusers_kl_decode,
     "diffusers AutoencoderTiny.decoder": diffusers_tiny,
