@@ -139,9 +139,11 @@ def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_pa
         assert len(rec["elbo"]) == len(rec["angle"]) == len(rec["decoder_angle"]) == 2
         assert all(a is None or -45 < a <= 45 for a in rec["angle"] + rec["principal_angle"])
         assert len(rec["truth"]["elbo"]) == len(rec["truth"]["at_truth"]["elbo"]) == 2   # one n: the reference
-    assert len(doc["summary"]) == 4
+        assert len(rec["profile"]["elbo"]) == 2 and len(rec["profile"]["elbo"][0]) == 36  # two data sets profiled
+    assert len(doc["summary"]) == 4 and all(r["profile_data_sets"] == 2 for r in doc["summary"])
     assert_png(tmp_path / "identifiability.png")
     assert_png(tmp_path / "identifiability_principal.png")
+    assert_png(tmp_path / "identifiability_profile.png")
     capsys.readouterr()
     assert reproduce(tmp_path, *argv) == 0                       # resume: nothing is redone
     assert capsys.readouterr().out.count("done already, skipped") == 4

@@ -129,3 +129,97 @@ def test_optimum_table_renders_reference_runs_and_dashes_for_files_made_before_t
     text = tables.identifiability_quick(tmp_path)
     assert "| tanh | amortised | diagonal | 25.6° | 0.772, 0.578 | −0.2824 | 7.3° | −1.6e−13 / 24.5° |" in text
     assert "| tanh | amortised | full | — | —, — | — | — | — |" in text
+    assert "ELBO over the decoder's angle" not in text                # no profile in these runs: no table
+    new.update(profile_data_sets=2, profile_peak_angle_median_abs=28.75, profile_peak_angle_max_abs=30.0,
+               profile_at_true_axes_median=-0.0282, profile_range_median=0.0359, profile_gradient_max=4e-5)
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    tables.publish("identifiability-quick", tmp_path / "results.json", out_dir=tmp_path, machine="m",
+                   command="fastjac reproduce identifiability --quick", date="2026-01-01 00:00 UTC")
+    text = tables.identifiability_quick(tmp_path)
+    assert "| tanh | amortised | diagonal | 2 | 28.8° / 30.0° | −0.0282 | 0.0359 | 4e-05 |" in text
+    assert "| full |" not in text.split("ELBO over the decoder's angle")[1]  # the full row had no profile
+
+
+# ------------------------------------------------------------------ the profile over the decoder's angle
+
+@pytest.mark.parametrize("inference", ["amortised", "unamortised"])
+@pytest.mark.parametrize("nu", ["identity", "tanh"])
+def test_turning_the_latent_axes_keeps_a_full_sigma_elbo_but_not_a_diagonal_one(nu, inference):
+    angle = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64)
+    losses = {}
+    for cov in ("full", "diagonal"):
+        s, training, seeds = _data(nu, "orthogonal", inference, cov, points=50)
+        data, params, fixed = ident.simulate(seeds, s, training)
+        loss_of = ident._loss_function(fixed, data.X, s, training)
+        turned = ident.turn(params, fixed, angle)
+        with torch.no_grad():
+            losses[cov] = (loss_of(params), loss_of(turned))
+            mu, _ = ident.posterior(params, fixed, data.X, cov)
+            mu_turned, _ = ident.posterior(turned, fixed, data.X, cov)
+        torch.testing.assert_close(mu_turned, mu @ rotation(angle), atol=1e-12, rtol=0)   # μ′ = Rᵀμ
+        torch.testing.assert_close(turned["A"], params["A"].detach() @ rotation(angle))
+    torch.testing.assert_close(*losses["full"], atol=1e-12, rtol=0)
+    assert float((losses["diagonal"][0] - losses["diagonal"][1]).abs().min()) > 1e-4
+
+
+def _converged(nu, covariance, points=150, trials=2):
+    s, training, seeds = _data(nu, "orthogonal", covariance=covariance, points=points, trials=trials)
+    s = ident.Setting(nu, "amortised", covariance, 60)
+    data, params, fixed = ident.simulate(seeds, s, training)
+    loss_of = ident._loss_function(fixed, data.X, s, training)
+    ident.schedule(params, loss_of, s, training)
+    ident.refine(params, loss_of, training)
+    with torch.no_grad():
+        return s, training, data, params, fixed, loss_of(params)
+
+
+def _assert_same_angles(got, want):
+    """Equal modulo the signed permutations (45° and −45° are one angle)."""
+    diff = [ident.wrap_angle(g - w) for g, w in zip(got, want.tolist())]
+    assert len(got) == len(want) and max(map(abs, diff)) < 1e-8, diff
+
+
+ANGLES = torch.tensor([-40.0, -25.0, -10.0, -2.5, 0.0, 2.5, 10.0, 25.0, 45.0], dtype=torch.float64)
+
+
+def test_angle_profile_holds_the_decoder_at_its_angle_and_is_flat_for_a_full_sigma():
+    s, training, data, params, fixed, loss = _converged("tanh", "full")
+    prof = ident.angle_profile(data, params, fixed, s, training, ANGLES)
+    assert prof["angle"] == ANGLES.tolist() and len(prof["elbo"]) == 2
+    for t in range(2):
+        _assert_same_angles(prof["decoder_angle"][t], ANGLES)
+        # every angle reaches the run's own optimum: a full Σ has no preferred axes
+        torch.testing.assert_close(torch.tensor(prof["elbo"][t], dtype=torch.float64),
+                                   torch.full((len(ANGLES),), -float(loss[t]), dtype=torch.float64),
+                                   atol=1e-8, rtol=0)
+        assert ident.profile_stats(prof)[t]["range"] < 1e-8
+
+
+@pytest.mark.parametrize("nu", ["identity", "tanh"])
+def test_angle_profile_of_a_diagonal_sigma_peaks_at_the_converged_run(nu):
+    """The profile is the best ELBO at each decoder angle, so it stays below the converged run and
+    touches it near the run's own angle; for identity ν (orthogonal W) that is near the true axes,
+    for tanh (amortised) it is not, and the true axes cost ELBO."""
+    s, training, data, params, fixed, loss = _converged(nu, "diagonal")
+    own = ident.decoder_angle(params["A"].detach(), data.W)
+    angles = torch.cat([ANGLES, own]).sort().values
+    prof = ident.angle_profile(data, params, fixed, s, training, angles)
+    for t, stats in enumerate(ident.profile_stats(prof)):
+        elbo = torch.tensor(prof["elbo"][t], dtype=torch.float64)
+        _assert_same_angles(prof["decoder_angle"][t], angles)
+        assert float(elbo.max()) <= -float(loss[t]) + 1e-8
+        at_own = elbo[(angles - own[t]).abs().argmin()]
+        assert float(at_own) == pytest.approx(-float(loss[t]), abs=1e-7)
+        assert stats["range"] > 1e-3                                     # the angle matters
+        if nu == "identity":
+            assert abs(stats["peak_angle"]) <= 10.0 and stats["at_true_axes"] > -0.01
+        else:
+            assert abs(stats["peak_angle"]) >= 10.0 and stats["at_true_axes"] < -1e-3
+
+
+def test_profile_stats_find_the_peak_the_true_axes_and_the_range():
+    prof = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-3.0, -2.5, -2.0, -2.2], [-1.0, None, -1.0, -1.0]],
+            "gradient_max": [[1e-6, 2e-6, 1e-7, 1e-6], [0.0] * 4]}
+    (stats,) = ident.profile_stats(prof)                                 # the set with a diverged angle: out
+    assert stats == {"peak_angle": 10.0, "at_true_axes": pytest.approx(-0.5), "range": pytest.approx(1.0),
+                     "gradient_max": 2e-6}

@@ -48,6 +48,7 @@ COVARIANCES = ("diagonal", "full")
 MIXINGS = ("orthogonal", "gaussian", "aligned")
 NOISE_STD = 0.05
 COLUMN_NORMS = (2.0, 1.0)
+PROFILE_ANGLES = tuple(-42.5 + 2.5 * k for k in range(36))    # (−45°, 45°] every 2.5°, 0° included
 PAPER_STEPS = (100, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000)
 
 
@@ -65,6 +66,7 @@ class Training:
     refine_iterations: int = 3000
     refine_tolerance: float = 1e-7  # stop a trial once its gradient's largest entry is below this
     reference: str = "truth"      # also start each data set at the true model (truth_start), or "none"
+    profile: int = 2              # data sets whose ELBO profile over the decoder's angle is drawn
 
 
 @dataclass(frozen=True)
@@ -273,13 +275,18 @@ def train(params, fixed, X: Tensor, setting: Setting, training: Training,
         return loss_of(params)
 
 
+def _polar(M: Tensor) -> Tensor:
+    """The orthogonal factor U·Vᵀ of M = U S Vᵀ (the orthogonal matrix closest to M)."""
+    U, _, Vh = torch.linalg.svd(M)
+    return U @ Vh
+
+
 def decoder_angle(A: Tensor, W: Tensor) -> Tensor:
     """Angle (degrees, (−45, 45]) of the orthogonal Q closest to A ≈ W·Q (Procrustes): the
     rotation of the fitted decoder's latent axes against the true ones, (T, 2, 2) -> (T,).
 
     It equals the encoder-means angle of :func:`latent_angle` when the model's latents are Qᵀz."""
-    U, _, Vh = torch.linalg.svd(W.mT @ A)
-    return rotation_angle(U @ Vh)
+    return rotation_angle(_polar(W.mT @ A))
 
 
 def _measure(params, fixed, data: Data, covariance: str, neg_elbo: Tensor) -> dict:
@@ -356,13 +363,84 @@ def truth_start(data: Data, params, fixed, setting: Setting, training: Training)
     return {"at_truth": at_truth, "true_decoder_axes": axes, "gradient_max": gradient.tolist(), **final}
 
 
+def turn(params, fixed, angle: Tensor) -> dict:
+    """The same model with its latent axes turned by ``angle`` (radians, (T,)): z′ = R(angle)ᵀz.
+
+    Decoder A′ = A·R, posterior means μ′ = Rᵀμ, Σ′ = RᵀΣR (through C′, d, D′ and the fixed O₁, O₂).
+    The prior and the full-Σ family are rotation invariant, so a full-Σ ELBO does not change; a
+    diagonal Σ keeps only diag(Σ′), so this is where a mean-field ELBO sees the angle."""
+    R = rotation(angle)                                                     # (T, 2, 2)
+    O2 = fixed["O2"].reshape(R.shape[0], -1, 2, 2)
+    turned = {k: v.detach().clone() for k, v in params.items()}
+    turned["A"] = params["A"].detach() @ R
+    turned["D"] = (O2.mT @ R.mT.unsqueeze(1) @ O2 @ params["D"].detach().reshape(O2.shape[0], -1, 2, 2)
+                   ).reshape(params["D"].shape)
+    if "C" in params:
+        O1 = fixed["O1"]
+        turned["C"] = O1.mT @ R.mT @ O1 @ params["C"].detach()
+        turned["d"] = (params["d"].detach().unsqueeze(1) @ R).squeeze(1)
+    else:
+        turned["mu"] = params["mu"].detach() @ R
+    return turned
+
+
+def angle_profile(data: Data, params, fixed, setting: Setting, training: Training,
+                  angles: Tensor) -> dict:
+    """The ELBO profile over the decoder's angle θ_A: for each data set and angle, the best ELBO
+    of the models whose decoder is turned exactly θ_A from the true axes, all else free.
+
+    Args:
+        data, params, fixed: m trials (leading dimension m), ``params`` converged runs.
+        angles: (K,) degrees in (−45, 45].
+    Returns:
+        ``angle``: the K target angles; per data set (lists of m lists of K): ``elbo``,
+        ``decoder_angle`` (measured: the target), ``means_angle`` (the posterior means' angle θ)
+        and ``gradient_max``.
+
+    The decoder is A = W⁻ᵀ·Q·P with Q orthogonal, fixed per angle, and P symmetric and free: Q is
+    then the Procrustes factor of WᵀA (while P stays positive definite), so θ_A stays put. Each
+    angle starts at the run turned by θ_A − θ_A(run) (:func:`turn`) and L-BFGS maximises the same
+    ELBO from there. A unique mean-field solution is one peak in (−45°, 45°]; a full Σ, which has
+    no preferred axes, gives a flat profile. All m·K models are one batch."""
+    m, K = data.X.shape[0], angles.shape[0]
+    grow = lambda t: t.detach().repeat_interleave(K, 0)                   # noqa: E731
+    data_k = Data(*(grow(t) for t in data))
+    fixed_k = {k: grow(v) for k, v in fixed.items()}
+    start = {k: grow(v) for k, v in params.items()}
+    target = angles.to(data_k.W).repeat(m)
+    own = decoder_angle(start["A"], data_k.W)
+    # R(δ) on the right turns the decoder's angle by +δ, or by −δ when its Procrustes factor reflects
+    sign = torch.linalg.det(_polar(data_k.W.mT @ start["A"])).sign()
+    turned = turn(start, fixed_k, torch.deg2rad(sign * (target - own)))
+    Q = _polar(data_k.W.mT @ turned["A"])
+    P = Q.mT @ data_k.W.mT @ turned["A"]
+    W_inv_T = torch.linalg.inv(data_k.W).mT
+    free = {k: v for k, v in turned.items() if k != "A"}
+    free["P"] = torch.stack([P[:, 0, 0], 0.5 * (P[:, 0, 1] + P[:, 1, 0]), P[:, 1, 1]], -1)
+
+    def model(p: dict) -> dict:
+        A = W_inv_T @ Q @ torch.stack([p["P"][:, :2], p["P"][:, 1:]], -2)
+        return {**{k: v for k, v in p.items() if k != "P"}, "A": A}
+
+    loss_of = _loss_function(fixed_k, data_k.X, setting, training)
+    gradient = refine(free, lambda p: loss_of(model(p)), training)
+    fitted = model(free)
+    with torch.no_grad():
+        measured = _measure(fitted, fixed_k, data_k, setting.covariance, loss_of(fitted))
+    per_set = lambda values: [values[i * K:(i + 1) * K] for i in range(m)]  # noqa: E731
+    return {"angle": angles.tolist(), "elbo": per_set(measured["elbo"]),
+            "decoder_angle": per_set(measured["decoder_angle"]), "means_angle": per_set(measured["angle"]),
+            "gradient_max": per_set(gradient.tolist())}
+
+
 def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float64, device="cpu",
-               progress: Optional[Progress] = None, reference: bool = False) -> dict:
+               progress: Optional[Progress] = None, reference: bool = False, profile: int = 0) -> dict:
     """Train the trials of one setting as one batched computation and measure them.
 
     Args:
         seeds: per trial, (data seed, initialisation seed); see :func:`trial_seeds`.
         reference: also run :func:`truth_start` on the same data sets (``truth``).
+        profile: draw :func:`angle_profile` (``profile``) for this many of the trained runs.
     Returns lists over trials: elbo (nats per point), angle (degrees, true latents vs posterior
     means), principal_angle (vs W's right singular vectors), decoder_angle and
     decoder_singular_values (:func:`_measure`), the seeds, the same numbers where the schedule
@@ -382,6 +460,11 @@ def run_trials(seeds, setting: Setting, training: Training, *, dtype=torch.float
         record["gradient_max"] = refine(params, loss_of, training, on_step).tolist()
     with torch.no_grad():
         record.update(_measure(params, fixed, data, setting.covariance, loss_of(params)))
+    if profile:
+        m = min(profile, len(seeds))
+        first = lambda tensors: {k: v[:m] for k, v in tensors.items()}  # noqa: E731
+        record["profile"] = angle_profile(Data(*(t[:m] for t in data)), first(params), first(fixed),
+                                          setting, training, torch.tensor(PROFILE_ANGLES, dtype=dtype))
     return record
 
 
@@ -420,6 +503,10 @@ def add_arguments(parser) -> None:
                         help="also fit each data set's encoder to the TRUE decoder and run L-BFGS on "
                              "everything from there (once per data set and Σ, at the smallest n): the "
                              "ELBO the true model reaches in this family and where the optimum lies")
+    parser.add_argument("--profile", type=int, default=2, metavar="DATA_SETS",
+                        help="per setting (at the smallest n), the ELBO profile over the decoder's angle "
+                             "for this many data sets: at each angle in (−45°, 45°] every 2.5°, the best ELBO "
+                             "with the decoder turned exactly that far from the true axes (0: none)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: summarise and plot the settings already in --out (e.g. of an "
                              "interrupted grid)")
@@ -433,12 +520,13 @@ def _config(args) -> tuple[Training, dict]:
     training = Training(num_points=args.points or base["num_points"], mixing=args.mixing,
                         optimizer=args.optimizer, lr=args.lr, quadrature=args.quadrature,
                         seed=args.seed, refine=args.refine, refine_iterations=args.refine_iterations,
-                        reference=args.reference)
+                        reference=args.reference, profile=args.profile)
     grid = dict(nonlinearities=tuple(args.nonlinearities or base["nonlinearities"]),
                 inference=tuple(args.inference or base["inference"]), covariances=COVARIANCES,
                 steps=tuple(args.steps or base["steps"]), trials=args.trials)
     for name, value in (("--steps", min(grid["steps"])), ("--points", training.num_points),
                         ("--quadrature", training.quadrature), ("--trials", args.trials or 1),
+                        ("--profile", training.profile + 1),
                         ("--refine-iterations", training.refine_iterations + 1)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
@@ -542,13 +630,39 @@ def _reference_stats(row: dict, ok: list[dict], near: list[dict]) -> None:
     _abs_stats(row, "truth_start_angle", [r["truth_start_angle"] for r in truth])
 
 
-def summarise(rows: list[dict], tolerance: float) -> list[dict]:
+def profile_stats(profile: dict) -> list[dict]:
+    """Per data set of an :func:`angle_profile`: the peak's angle ``peak_angle``, ``at_true_axes``:
+    the ELBO at θ_A = 0 minus the peak's (≤ 0; 0 when the true axes are the optimum), ``range``:
+    the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes), ``gradient_max``."""
+    angles = np.asarray(profile["angle"])
+    zero = int(np.argmin(np.abs(angles)))
+    out = []
+    for elbo, grad in zip(profile["elbo"], profile["gradient_max"]):
+        e = np.array([v if v is not None else np.nan for v in elbo], dtype=float)
+        if not np.isfinite(e).all():
+            continue
+        out.append(dict(peak_angle=float(angles[int(np.argmax(e))]), at_true_axes=float(e[zero] - e.max()),
+                        range=float(e.max() - e.min()), gradient_max=float(max(grad))))
+    return out
+
+
+def _profile_summary(row: dict, stats: list[dict]) -> None:
+    row["profile_data_sets"] = len(stats)
+    if stats:
+        _abs_stats(row, "profile_peak_angle", [s["peak_angle"] for s in stats])
+        row["profile_at_true_axes_median"] = _median([s["at_true_axes"] for s in stats])
+        row["profile_range_median"] = _median([s["range"] for s in stats])
+        row["profile_gradient_max"] = max(s["gradient_max"] for s in stats)
+
+
+def summarise(rows: list[dict], tolerance: float, profiles: Optional[dict] = None) -> list[dict]:
     """Per (ν, inference, Σ): |angle| of its best run on each data set, and of its runs within
     ``tolerance`` nats/point of the best run of any Σ on that data set (diagonal Σ should sit
     near 0°, full Σ should not); ``near_best_angle_to_best``: how far the other near-best runs
     sit from the best run of their Σ on the same data (a unique solution: ≈ 0); the decoder's
     angle and singular values of W⁻¹A of the near-best runs, and the runs started at the truth
-    (:func:`_reference_stats`)."""
+    (:func:`_reference_stats`); with ``profiles`` ((ν, inference, Σ) → :func:`profile_stats`), the
+    ELBO profiles over the decoder's angle."""
     groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r["nonlinearity"], r["inference"], r["covariance"]), []).append(r)
@@ -569,6 +683,7 @@ def summarise(rows: list[dict], tolerance: float) -> list[dict]:
         _abs_stats(row, "near_best_angle_to_best", [r["angle_to_best"] for r in near
                                                     if not r["best_of_kind"]])
         _reference_stats(row, ok, near)
+        _profile_summary(row, (profiles or {}).get((nu, inference, cov), []))
         out.append(row)
     return out
 
@@ -624,14 +739,49 @@ def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: 
     return plotting.save(fig, path)
 
 
+def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, path):
+    """ELBO − the best ELBO on the same data set (any Σ) against the decoder's angle θ_A, one curve
+    per profiled data set: a mean-field posterior has one peak, a full one is flat."""
+    best = {(r["nonlinearity"], r["inference"], r["trial"]): r["elbo"] - r["gap"]
+            for r in rows if r["gap"] is not None}
+    fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=False)
+    colours = {"diagonal": "tab:blue", "full": "tab:orange"}
+    for i, inf in enumerate(inference):
+        for j, nu in enumerate(nonlinearities):
+            ax = axes[i][j]
+            for key, rec in runs.items():
+                k_nu, k_inf, cov, _ = key.split("/")
+                if (k_nu, k_inf) != (nu, inf) or "profile" not in rec:
+                    continue
+                prof = rec["profile"]
+                for t, elbo in enumerate(prof["elbo"]):
+                    top = best.get((nu, inf, t))
+                    if top is None or any(e is None for e in elbo):
+                        continue
+                    ax.plot(prof["angle"], [e - top for e in elbo], color=colours[cov], lw=1, alpha=0.8,
+                            label=f"{cov} Σ" if t == 0 else None)
+            ax.axvline(0.0, color="grey", lw=0.6, ls=":")
+            ax.set_title(f"ν = {nu}, {inf}", fontsize=9)
+            ax.set_xlim(-45, 45)
+            if i == len(inference) - 1:
+                ax.set_xlabel("decoder angle θ_A (degrees; 0 = true axes)", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("best ELBO at θ_A − best ELBO on the data", fontsize=8)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("ELBO profile over the decoder's angle", fontsize=10)
+    return plotting.save(fig, path)
+
+
 def _run_setting(s: Setting, training: Training, grid: dict, args) -> dict:
     """One setting's trials; the reference runs at the truth go with the grid's smallest n."""
     T = trials_for(s.steps_per_stage, grid, args.quick)
     progress = Progress(s.key, training.stages * s.steps_per_stage + (
         training.refine_iterations if training.refine == "lbfgs" else 0))
     seeds = [trial_seeds(training.seed, s, t) for t in range(T)]
-    reference = training.reference == "truth" and s.steps_per_stage == min(grid["steps"])
-    rec = run_trials(seeds, s, training, device=args.device, progress=progress, reference=reference)
+    first_n = s.steps_per_stage == min(grid["steps"])
+    rec = run_trials(seeds, s, training, device=args.device, progress=progress,
+                     reference=training.reference == "truth" and first_n,
+                     profile=training.profile if first_n else 0)
     rec["seconds"] = progress.elapsed()
     return rec
 
@@ -659,8 +809,13 @@ def run(args) -> int:
             f"ELBO max {np.nanmax(elbo):.4f} median {np.nanmedian(elbo):.4f}, "
             f"|angle| median {np.nanmedian(ang):.1f}°")
     keys = {s.key for s in settings}
-    rows = flatten({k: r for k, r in results.runs.items() if k in keys})
-    summary = summarise(rows, args.tolerance)
+    runs = {k: r for k, r in results.runs.items() if k in keys}
+    rows = flatten(runs)
+    profiles: dict[tuple, list] = {}
+    for key, rec in runs.items():
+        if "profile" in rec:
+            profiles.setdefault(tuple(key.split("/")[:3]), []).extend(profile_stats(rec["profile"]))
+    summary = summarise(rows, args.tolerance, profiles)
     results.put_summary(summary)
     _print_summary(summary, training.mixing)
     _print_reference(summary)
@@ -670,6 +825,10 @@ def run(args) -> int:
         figures.append(_figure(rows, grid["nonlinearities"], grid["inference"], "principal_angle",
                                "angle between W's principal axes and inferred latents",
                                args.out / "identifiability_principal.png"))
+    if profiles:
+        _print_profiles(summary)
+        figures.append(_profile_figure(runs, rows, grid["nonlinearities"], grid["inference"],
+                                       args.out / "identifiability_profile.png"))
     log("figures: " + ", ".join(map(str, figures)))
     return 0
 
@@ -707,3 +866,15 @@ def _print_reference(rows: list[dict]) -> None:
             f"{r['near_best_decoder_angle_median_abs']:8.1f} {s1:6.3f},{s2:5.3f} "
             f"{r['truth_gap_median']:10.4f} {r['true_decoder_axes_median_abs']:8.1f} "
             f"{r['truth_start_gap_median']:16.2e} {r['truth_start_angle_median_abs']:8.1f}")
+
+
+def _print_profiles(rows: list[dict]) -> None:
+    log("\nELBO profile over the decoder's angle θ_A (the best ELBO with the decoder turned exactly θ_A "
+        "from the true axes): its peak, the ELBO at θ_A = 0 against the peak, and its range (0: flat)")
+    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'sets':>5s} {'|peak| med':>10s} {'at 0 − peak':>12s} "
+        f"{'range med':>10s}")
+    for r in rows:
+        if r.get("profile_data_sets"):
+            log(f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} {r['profile_data_sets']:5d} "
+                f"{r['profile_peak_angle_median_abs']:10.1f} {r['profile_at_true_axes_median']:12.2e} "
+                f"{r['profile_range_median']:10.2e}")

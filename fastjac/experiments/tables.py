@@ -150,12 +150,31 @@ def _optimum_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
     return rows
 
 
+PROFILE_HEADER = ["ν", "inference", "Σ", "data sets", "peak of the profile: median / max \\|θ_A\\|",
+                  "ELBO at θ_A = 0 − peak (median)", "peak − lowest ELBO (median)", "largest gradient entry"]
+
+
+def _profile_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
+    """The ELBO profiles over the decoder's angle (settings without one are left out)."""
+    mixing = doc["config"]["training"]["mixing"]
+    return [([mixing] if with_mixing else []) + [
+        r["nonlinearity"], r["inference"], r["covariance"], str(r["profile_data_sets"]),
+        f"{_deg(r['profile_peak_angle_median_abs'])} / {_deg(r['profile_peak_angle_max_abs'])}",
+        _gap(r["profile_at_true_axes_median"]), _gap(r["profile_range_median"]),
+        f"{r['profile_gradient_max']:.0e}"] for r in doc["summary"] if r.get("profile_data_sets")]
+
+
 def _identifiability_tables(docs: list[dict], with_mixing: bool) -> str:
     first = ["W"] if with_mixing else []
     angles = _table(first + IDENTIFIABILITY_HEADER,
                     [row for d in docs for row in _identifiability_rows(d, with_mixing)])
     optimum = _table(first + OPTIMUM_HEADER, [row for d in docs for row in _optimum_rows(d, with_mixing)])
-    return f"{angles}\n\nWhere the optimum lies:\n\n{optimum}"
+    out = f"{angles}\n\nWhere the optimum lies:\n\n{optimum}"
+    profile = [row for d in docs for row in _profile_rows(d, with_mixing)]
+    if profile:
+        out += ("\n\nThe ELBO over the decoder's angle (at each θ_A, the best ELBO with the decoder "
+                "turned exactly θ_A from the true axes):\n\n" + _table(first + PROFILE_HEADER, profile))
+    return out
 
 
 def identifiability_quick(results_dir: Path) -> str:
