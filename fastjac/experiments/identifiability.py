@@ -66,7 +66,7 @@ class Training:
     refine_iterations: int = 3000
     refine_tolerance: float = 1e-7  # stop a trial once its gradient's largest entry is below this
     reference: str = "truth"      # also start each data set at the true model (truth_start), or "none"
-    profile: int = 2              # data sets whose ELBO profile over the decoder's angle is drawn
+    profile: int = 8              # data sets whose ELBO profile over the decoder's angle is drawn
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,7 @@ def add_arguments(parser) -> None:
                         help="also fit each data set's encoder to the TRUE decoder and run L-BFGS on "
                              "everything from there (once per data set and Σ, at the smallest n): the "
                              "ELBO the true model reaches in this family and where the optimum lies")
-    parser.add_argument("--profile", type=int, default=2, metavar="DATA_SETS",
+    parser.add_argument("--profile", type=int, default=8, metavar="DATA_SETS",
                         help="per setting (at the smallest n), the ELBO profile over the decoder's angle "
                              "for this many data sets: at each angle in (−45°, 45°] every 2.5°, the best ELBO "
                              "with the decoder turned exactly that far from the true axes (0: none)")
@@ -724,7 +724,7 @@ def _panel(ax, rows: list[dict], angle_key: str) -> None:
 
 
 def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: str, path):
-    fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=True)
+    fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=True, layout="constrained")
     for i, inf in enumerate(inference):
         for j, nu in enumerate(nonlinearities):
             ax = axes[i][j]
@@ -744,7 +744,7 @@ def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, pat
     per profiled data set: a mean-field posterior has one peak, a full one is flat."""
     best = {(r["nonlinearity"], r["inference"], r["trial"]): r["elbo"] - r["gap"]
             for r in rows if r["gap"] is not None}
-    fig, axes = plotting.panels(len(inference), len(nonlinearities), sharey=False)
+    fig, axes = plotting.panels(len(inference), len(nonlinearities), layout="constrained")
     colours = {"diagonal": "tab:blue", "full": "tab:orange"}
     for i, inf in enumerate(inference):
         for j, nu in enumerate(nonlinearities):

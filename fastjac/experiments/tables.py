@@ -177,9 +177,16 @@ def _identifiability_tables(docs: list[dict], with_mixing: bool) -> str:
     return out
 
 
-def identifiability_quick(results_dir: Path) -> str:
-    doc = load(results_dir, "identifiability-quick")
-    return _section([doc], _identifiability_tables([doc], False))
+def _identifiability(name: str) -> Callable[[Path], str]:
+    """One identifiability results file, its tables."""
+    def render(results_dir: Path) -> str:
+        doc = load(results_dir, name)
+        return _section([doc], _identifiability_tables([doc], False))
+    render.__name__ = name.replace("-", "_")
+    return render
+
+
+identifiability_quick = _identifiability("identifiability-quick")
 
 
 GRID = [f"identifiability-{inference}-{mixing}" for inference in ("amortised", "unamortised")
@@ -278,6 +285,7 @@ def _objectives(name: str) -> Callable[[Path], str]:
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "identifiability-quick": identifiability_quick,
+    "identifiability-tanh-4000": _identifiability("identifiability-tanh-4000"),
     "identifiability-grid": identifiability_grid,
     "structure": structure,
     "samples-digits": samples_digits,
