@@ -118,8 +118,10 @@ def test_optimum_table_renders_reference_runs_and_dashes_for_files_made_before_t
            "near_best_principal_angle_median_abs": 1.0, "gradient_max": 1e-5,
            "near_best_decoder_angle_median_abs": 25.6, "near_best_decoder_singular_values_median": [0.772, 0.578],
            "truth_data_sets": 2, "truth_gap_median": -0.2824, "true_decoder_axes_median_abs": 7.3,
-           "truth_start_gap_median": -1.6e-13, "truth_start_angle_median_abs": 24.5}
-    old = {k: v for k, v in new.items() if not k.startswith(("truth", "true", "near_best_decoder"))}
+           "truth_start_gap_median": -1.6e-13, "truth_start_angle_median_abs": 24.5,
+           "near_best_data_axes_angle_median_abs": 42.0, "mixing_angle_median_abs": 14.6}
+    old = {k: v for k, v in new.items()
+           if not k.startswith(("truth", "true", "near_best_decoder", "near_best_data_axes", "mixing"))}
     old["covariance"] = "full"
     doc = {"experiment": "identifiability", "runs": {}, "summary": [new, old],
            "config": {"training": {"mixing": "orthogonal"}}}
@@ -127,8 +129,9 @@ def test_optimum_table_renders_reference_runs_and_dashes_for_files_made_before_t
     tables.publish("identifiability-quick", tmp_path / "results.json", out_dir=tmp_path, machine="m",
                    command="fastjac reproduce identifiability --quick", date="2026-01-01 00:00 UTC")
     text = tables.identifiability_quick(tmp_path)
-    assert "| tanh | amortised | diagonal | 25.6° | 0.772, 0.578 | −0.2824 | 7.3° | −1.6e−13 / 24.5° |" in text
-    assert "| tanh | amortised | full | — | —, — | — | — | — |" in text
+    assert ("| tanh | amortised | diagonal | 25.6° | 0.772, 0.578 | 42.0° / 14.6° | −0.2824 | 7.3° | "
+            "−1.6e−13 / 24.5° |") in text
+    assert "| tanh | amortised | full | — | —, — | — | — | — | — |" in text
     assert "ELBO over the decoder's angle" not in text                # no profile in these runs: no table
     new.update(profile_data_sets=2, profile_peak_angle_median_abs=28.75, profile_peak_angle_max_abs=30.0,
                profile_at_true_axes_median=-0.0282, profile_range_median=0.0359, profile_gradient_max=4e-5)
@@ -223,3 +226,16 @@ def test_profile_stats_find_the_peak_the_true_axes_and_the_range():
     (stats,) = ident.profile_stats(prof)                                 # the set with a diverged angle: out
     assert stats == {"peak_angle": 10.0, "at_true_axes": pytest.approx(-0.5), "range": pytest.approx(1.0),
                      "gradient_max": 2e-6}
+
+
+def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder():
+    """θ_x of the true decoder (A = W = R(φ)·diag(2, 1)) is φ modulo signed permutations, and the
+    mixing angle is recorded beside it; turning the decoder's latents does not move θ_x of W."""
+    s, training, seeds = _data("tanh", "orthogonal", trials=4)
+    data, params, fixed = ident.simulate(seeds, s, training)
+    truth = ident._truth_parameters(data, params, fixed)
+    m = ident._measure(truth, fixed, data, "diagonal", torch.zeros(4, dtype=torch.float64))
+    phi = torch.rad2deg(torch.atan2(data.W[:, 1, 0], data.W[:, 0, 0]))
+    _assert_same_angles(m["data_axes_angle"], phi)
+    _assert_same_angles(m["mixing_angle"], phi)
+    assert m["decoder_angle"] == pytest.approx([0.0] * 4, abs=1e-9)

@@ -291,7 +291,9 @@ def decoder_angle(A: Tensor, W: Tensor) -> Tensor:
 
 def _measure(params, fixed, data: Data, covariance: str, neg_elbo: Tensor) -> dict:
     """ELBO and angles (to the true latents and to W's right singular vectors) per trial, the
-    decoder's angle (A ≈ W·Q) and the singular values of W⁻¹A (both 1 when A = W·Q exactly)."""
+    decoder's angle (A ≈ W·Q) and the singular values of W⁻¹A (both 1 when A = W·Q exactly), and
+    the angles of the decoder's and of W's axes to the data's coordinate axes (the orthogonal
+    factors of A and W; the axes along which ν acts, so where a nonlinear ν saturates)."""
     with torch.no_grad():
         mu, _ = posterior(params, fixed, data.X, covariance)
         V = torch.linalg.svd(data.W).Vh.mT                                   # W = U S Vᵀ
@@ -303,8 +305,10 @@ def _measure(params, fixed, data: Data, covariance: str, neg_elbo: Tensor) -> di
         principal = torch.where(ok, latent_angle(data.Z @ V, safe), torch.nan)
         decoder = torch.where(ok, decoder_angle(A, data.W), torch.nan)
         stretch = torch.where(ok[:, None], torch.linalg.svdvals(torch.linalg.solve(data.W, A)), torch.nan)
+        data_axes = torch.where(ok, rotation_angle(_polar(A)), torch.nan)
     return {"elbo": (-neg_elbo).tolist(), "angle": angle.tolist(), "principal_angle": principal.tolist(),
-            "decoder_angle": decoder.tolist(), "decoder_singular_values": stretch.tolist()}
+            "decoder_angle": decoder.tolist(), "decoder_singular_values": stretch.tolist(),
+            "data_axes_angle": data_axes.tolist(), "mixing_angle": rotation_angle(_polar(data.W)).tolist()}
 
 
 def _truth_parameters(data: Data, params, fixed) -> dict:
@@ -544,7 +548,8 @@ def wrap_angle(degrees: float) -> float:
     return 45.0 - (45.0 - degrees) % 90.0
 
 
-RUN_FIELDS = ("elbo", "angle", "principal_angle", "decoder_angle", "decoder_singular_values")
+RUN_FIELDS = ("elbo", "angle", "principal_angle", "decoder_angle", "decoder_singular_values", "data_axes_angle",
+              "mixing_angle")
 
 
 def _at(values, t: int):
@@ -620,6 +625,8 @@ def _median(values: list) -> float:
 def _reference_stats(row: dict, ok: list[dict], near: list[dict]) -> None:
     """The decoder of the near-best runs, and the runs started at the true model."""
     _abs_stats(row, "near_best_decoder_angle", [r["decoder_angle"] for r in near])
+    _abs_stats(row, "near_best_data_axes_angle", [r["data_axes_angle"] for r in near])
+    _abs_stats(row, "mixing_angle", [r["mixing_angle"] for r in near])
     sv = [r["decoder_singular_values"] for r in near if r["decoder_singular_values"] is not None]
     row["near_best_decoder_singular_values_median"] = [_median([v[i] for v in sv]) for i in (0, 1)]
     truth = [r for r in ok if r["truth_gap"] is not None]
@@ -856,14 +863,16 @@ def _print_summary(rows: list[dict], mixing: str) -> None:
 
 def _print_reference(rows: list[dict]) -> None:
     log("\nwhere the optimum lies: θ_A = the near-best runs' decoder angle (A ≈ W·Q), s = singular values "
-        "of W⁻¹A (1, 1 if A = W·Q); runs started at the truth: the true decoder's ELBO gap (its encoder "
-        "fitted), its own mean-field axes ψ (amortised), and where L-BFGS from there stopped")
-    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'θ_A med':>8s} {'s med':>12s} {'truth gap':>10s} "
-        f"{'|ψ| med':>8s} {'from truth: gap':>16s} {'|θ| med':>8s}")
+        "of W⁻¹A (1, 1 if A = W·Q); θ_x, φ: the decoder's and W's axes against the data's coordinate axes; "
+        "runs started at the truth: the true decoder's ELBO gap (its encoder fitted), its own mean-field "
+        "axes ψ (amortised), and where L-BFGS from there stopped")
+    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'θ_A med':>8s} {'s med':>12s} {'|θ_x| med':>9s} {'|φ| med':>8s} "
+        f"{'truth gap':>10s} {'|ψ| med':>8s} {'from truth: gap':>16s} {'|θ| med':>8s}")
     for r in rows:
         s1, s2 = r["near_best_decoder_singular_values_median"]
         log(f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} "
             f"{r['near_best_decoder_angle_median_abs']:8.1f} {s1:6.3f},{s2:5.3f} "
+            f"{r['near_best_data_axes_angle_median_abs']:9.1f} {r['mixing_angle_median_abs']:8.1f} "
             f"{r['truth_gap_median']:10.4f} {r['true_decoder_axes_median_abs']:8.1f} "
             f"{r['truth_start_gap_median']:16.2e} {r['truth_start_angle_median_abs']:8.1f}")
 

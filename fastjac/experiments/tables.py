@@ -127,7 +127,9 @@ IDENTIFIABILITY_HEADER = ["ν", "inference", "Σ", "runs", "within 0.01 nats of 
 
 
 OPTIMUM_HEADER = ["ν", "inference", "Σ", "median \\|θ_A\\| of the decoder (within 0.01)",
-                  "singular values of W⁻¹A (median)", "true decoder, encoder fitted: ELBO gap (median)",
+                  "singular values of W⁻¹A (median)",
+                  "decoder's / W's axes to the data's coordinate axes: median \\|θ_x\\| / \\|φ\\|",
+                  "true decoder, encoder fitted: ELBO gap (median)",
                   "true decoder's own mean-field axes: median \\|ψ\\|",
                   "from the truth, converged: ELBO gap (median) / median \\|θ\\|"]
 
@@ -143,6 +145,8 @@ def _optimum_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
         rows.append(([mixing] if with_mixing else []) + [
             r["nonlinearity"], r["inference"], r["covariance"],
             _deg(r.get("near_best_decoder_angle_median_abs")), f"{_num(sv[0])}, {_num(sv[1])}",
+            f"{_deg(r.get('near_best_data_axes_angle_median_abs'))} / {_deg(r.get('mixing_angle_median_abs'))}"
+            if "near_best_data_axes_angle_median_abs" in r else "—",
             _gap(r.get("truth_gap_median")) if has_truth else "—",
             _deg(r.get("true_decoder_axes_median_abs")) if has_truth else "—",
             f"{_gap(r.get('truth_start_gap_median'))} / {_deg(r.get('truth_start_angle_median_abs'))}"
