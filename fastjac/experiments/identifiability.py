@@ -637,19 +637,24 @@ def _reference_stats(row: dict, ok: list[dict], near: list[dict]) -> None:
     _abs_stats(row, "truth_start_angle", [r["truth_start_angle"] for r in truth])
 
 
-def profile_stats(profile: dict) -> list[dict]:
+def profile_stats(profile: dict, best: Optional[list] = None) -> list[dict]:
     """Per data set of an :func:`angle_profile`: the peak's angle ``peak_angle``, ``at_true_axes``:
     the ELBO at θ_A = 0 minus the peak's (≤ 0; 0 when the true axes are the optimum), ``range``:
-    the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes), ``gradient_max``."""
+    the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes), ``gradient_max``;
+    with ``best`` (per data set, the best ELBO any run reached on it), ``peak_gap``: the peak's ELBO
+    minus that (≈ 0 when the profiled run was at the optimum, < 0 from a local optimum)."""
     angles = np.asarray(profile["angle"])
     zero = int(np.argmin(np.abs(angles)))
     out = []
-    for elbo, grad in zip(profile["elbo"], profile["gradient_max"]):
+    for t, (elbo, grad) in enumerate(zip(profile["elbo"], profile["gradient_max"])):
         e = np.array([v if v is not None else np.nan for v in elbo], dtype=float)
         if not np.isfinite(e).all():
             continue
-        out.append(dict(peak_angle=float(angles[int(np.argmax(e))]), at_true_axes=float(e[zero] - e.max()),
-                        range=float(e.max() - e.min()), gradient_max=float(max(grad))))
+        stats = dict(peak_angle=float(angles[int(np.argmax(e))]), at_true_axes=float(e[zero] - e.max()),
+                     range=float(e.max() - e.min()), gradient_max=float(max(grad)))
+        if best is not None and t < len(best) and best[t] is not None:
+            stats["peak_gap"] = float(e.max() - best[t])
+        out.append(stats)
     return out
 
 
@@ -660,6 +665,9 @@ def _profile_summary(row: dict, stats: list[dict]) -> None:
         row["profile_at_true_axes_median"] = _median([s["at_true_axes"] for s in stats])
         row["profile_range_median"] = _median([s["range"] for s in stats])
         row["profile_gradient_max"] = max(s["gradient_max"] for s in stats)
+        gaps = [s["peak_gap"] for s in stats if "peak_gap" in s]
+        if gaps:
+            row["profile_peak_gap_median"] = _median(gaps)
 
 
 def summarise(rows: list[dict], tolerance: float, profiles: Optional[dict] = None) -> list[dict]:
@@ -746,11 +754,17 @@ def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: 
     return plotting.save(fig, path)
 
 
+def _best_on_data_set(rows: list[dict], nu: str, inference: str, trial: int) -> Optional[float]:
+    """The best ELBO any run (any n, any Σ) reached on one data set (rows of :func:`flatten`)."""
+    for r in rows:
+        if (r["nonlinearity"], r["inference"], r["trial"]) == (nu, inference, trial) and r["gap"] is not None:
+            return r["elbo"] - r["gap"]
+    return None
+
+
 def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, path):
     """ELBO − the best ELBO on the same data set (any Σ) against the decoder's angle θ_A, one curve
     per profiled data set: a mean-field posterior has one peak, a full one is flat."""
-    best = {(r["nonlinearity"], r["inference"], r["trial"]): r["elbo"] - r["gap"]
-            for r in rows if r["gap"] is not None}
     fig, axes = plotting.panels(len(inference), len(nonlinearities), layout="constrained")
     colours = {"diagonal": "tab:blue", "full": "tab:orange"}
     for i, inf in enumerate(inference):
@@ -762,7 +776,7 @@ def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, pat
                     continue
                 prof = rec["profile"]
                 for t, elbo in enumerate(prof["elbo"]):
-                    top = best.get((nu, inf, t))
+                    top = _best_on_data_set(rows, nu, inf, t)
                     if top is None or any(e is None for e in elbo):
                         continue
                     ax.plot(prof["angle"], [e - top for e in elbo], color=colours[cov], lw=1, alpha=0.8,
@@ -821,7 +835,9 @@ def run(args) -> int:
     profiles: dict[tuple, list] = {}
     for key, rec in runs.items():
         if "profile" in rec:
-            profiles.setdefault(tuple(key.split("/")[:3]), []).extend(profile_stats(rec["profile"]))
+            nu, inference, cov = key.split("/")[:3]
+            best = [_best_on_data_set(rows, nu, inference, t) for t in range(len(rec["profile"]["elbo"]))]
+            profiles.setdefault((nu, inference, cov), []).extend(profile_stats(rec["profile"], best))
     summary = summarise(rows, args.tolerance, profiles)
     results.put_summary(summary)
     _print_summary(summary, training.mixing)

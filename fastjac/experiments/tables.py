@@ -155,7 +155,8 @@ def _optimum_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
 
 
 PROFILE_HEADER = ["ν", "inference", "Σ", "data sets", "peak of the profile: median / max \\|θ_A\\|",
-                  "ELBO at θ_A = 0 − peak (median)", "peak − lowest ELBO (median)", "largest gradient entry"]
+                  "peak − best ELBO on the data (median)", "ELBO at θ_A = 0 − peak (median)",
+                  "peak − lowest ELBO (median)", "largest gradient entry"]
 
 
 def _profile_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
@@ -164,7 +165,8 @@ def _profile_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
     return [([mixing] if with_mixing else []) + [
         r["nonlinearity"], r["inference"], r["covariance"], str(r["profile_data_sets"]),
         f"{_deg(r['profile_peak_angle_median_abs'])} / {_deg(r['profile_peak_angle_max_abs'])}",
-        _gap(r["profile_at_true_axes_median"]), _gap(r["profile_range_median"]),
+        _gap(r.get("profile_peak_gap_median")), _gap(r["profile_at_true_axes_median"]),
+        _gap(r["profile_range_median"]),
         f"{r['profile_gradient_max']:.0e}"] for r in doc["summary"] if r.get("profile_data_sets")]
 
 
