@@ -229,6 +229,9 @@ def test_profile_stats_find_the_peak_the_true_axes_and_the_range():
                      "gradient_max": 2e-6}
     (stats,) = ident.profile_stats(prof, best=[-1.5, -0.5])
     assert stats["peak_gap"] == pytest.approx(-0.5)                      # a local optimum: below the best
+    flat = {"angle": [-10.0, 0.0, 10.0], "elbo": [[-2.0, -2.0 + 1e-13, -2.0]], "gradient_max": [[0.0] * 3]}
+    (stats,) = ident.profile_stats(flat)
+    assert stats["peak_angle"] is None and stats["range"] < ident.FLAT    # no peak, not the argmax of rounding
 
 
 def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder():

@@ -49,6 +49,7 @@ MIXINGS = ("orthogonal", "gaussian", "aligned")
 NOISE_STD = 0.05
 COLUMN_NORMS = (2.0, 1.0)
 PROFILE_ANGLES = tuple(-42.5 + 2.5 * k for k in range(36))    # (−45°, 45°] every 2.5°, 0° included
+FLAT = 1e-9    # nats/point: a profile whose range is below this has no peak (float64 rounding is ~1e-14)
 PAPER_STEPS = (100, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000)
 
 
@@ -640,7 +641,8 @@ def _reference_stats(row: dict, ok: list[dict], near: list[dict]) -> None:
 def profile_stats(profile: dict, best: Optional[list] = None) -> list[dict]:
     """Per data set of an :func:`angle_profile`: the peak's angle ``peak_angle``, ``at_true_axes``:
     the ELBO at θ_A = 0 minus the peak's (≤ 0; 0 when the true axes are the optimum), ``range``:
-    the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes), ``gradient_max``;
+    the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes; below ``FLAT`` the
+    profile has no peak and ``peak_angle`` is None), ``gradient_max``;
     with ``best`` (per data set, the best ELBO any run reached on it), ``peak_gap``: the peak's ELBO
     minus that (≈ 0 when the profiled run was at the optimum, < 0 from a local optimum)."""
     angles = np.asarray(profile["angle"])
@@ -650,8 +652,10 @@ def profile_stats(profile: dict, best: Optional[list] = None) -> list[dict]:
         e = np.array([v if v is not None else np.nan for v in elbo], dtype=float)
         if not np.isfinite(e).all():
             continue
-        stats = dict(peak_angle=float(angles[int(np.argmax(e))]), at_true_axes=float(e[zero] - e.max()),
-                     range=float(e.max() - e.min()), gradient_max=float(max(grad)))
+        flat = e.max() - e.min() <= FLAT
+        stats = dict(peak_angle=None if flat else float(angles[int(np.argmax(e))]),
+                     at_true_axes=float(e[zero] - e.max()), range=float(e.max() - e.min()),
+                     gradient_max=float(max(grad)))
         if best is not None and t < len(best) and best[t] is not None:
             stats["peak_gap"] = float(e.max() - best[t])
         out.append(stats)
