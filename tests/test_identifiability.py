@@ -245,3 +245,21 @@ def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder()
     _assert_same_angles(m["data_axes_angle"], phi)
     _assert_same_angles(m["mixing_angle"], phi)
     assert m["decoder_angle"] == pytest.approx([0.0] * 4, abs=1e-9)
+
+
+def test_angle_profile_leaves_out_a_point_whose_decoder_left_its_angle(monkeypatch):
+    """P must stay positive definite for Q to stay the Procrustes factor; an optimiser that leaves
+    the cone moves the decoder's angle, and that point is dropped (None), never reported."""
+    s, training, data, params, fixed, _ = _converged("identity", "diagonal", points=60, trials=1)
+
+    def leave_the_cone(free, loss_of, training, on_step=None):
+        with torch.no_grad():
+            # R(30°)·diag(2, −1)·R(30°)ᵀ: indefinite, so WᵀA's orthogonal factor gains a reflection
+            # about the 30° line and the decoder's angle moves by 60° (a diagonal one would not)
+            free["P"][0] = torch.tensor([1.25, 0.75 * math.sqrt(3.0), -0.25], dtype=torch.float64)
+        return torch.zeros(free["P"].shape[0], dtype=torch.float64)
+
+    monkeypatch.setattr(ident, "refine", leave_the_cone)
+    prof = ident.angle_profile(data, params, fixed, s, training, ANGLES)
+    assert prof["elbo"][0][0] is None and all(e is not None for e in prof["elbo"][0][1:])
+    assert ident.profile_stats(prof) == []                              # an incomplete profile: left out

@@ -398,7 +398,8 @@ def angle_profile(data: Data, params, fixed, setting: Setting, training: Trainin
         data, params, fixed: m trials (leading dimension m), ``params`` converged runs.
         angles: (K,) degrees in (−45, 45].
     Returns:
-        ``angle``: the K target angles; per data set (lists of m lists of K): ``elbo``,
+        ``angle``: the K target angles; per data set (lists of m lists of K): ``elbo`` (None where
+        the decoder did not stay at its angle, which :func:`profile_stats` leaves out),
         ``decoder_angle`` (measured: the target), ``means_angle`` (the posterior means' angle θ)
         and ``gradient_max``.
 
@@ -432,8 +433,12 @@ def angle_profile(data: Data, params, fixed, setting: Setting, training: Trainin
     fitted = model(free)
     with torch.no_grad():
         measured = _measure(fitted, fixed_k, data_k, setting.covariance, loss_of(fitted))
+    # P left the positive definite cone: the decoder is no longer at its angle, so no profile point
+    held = [d is not None and abs(wrap_angle(d - t)) < 1e-6
+            for d, t in zip(measured["decoder_angle"], target.tolist())]
+    elbo = [e if ok else None for e, ok in zip(measured["elbo"], held)]
     per_set = lambda values: [values[i * K:(i + 1) * K] for i in range(m)]  # noqa: E731
-    return {"angle": angles.tolist(), "elbo": per_set(measured["elbo"]),
+    return {"angle": angles.tolist(), "elbo": per_set(elbo),
             "decoder_angle": per_set(measured["decoder_angle"]), "means_angle": per_set(measured["angle"]),
             "gradient_max": per_set(gradient.tolist())}
 
