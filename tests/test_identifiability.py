@@ -135,12 +135,12 @@ def test_optimum_table_renders_reference_runs_and_dashes_for_files_made_before_t
     assert "ELBO over the decoder's angle" not in text                # no profile in these runs: no table
     new.update(profile_data_sets=2, profile_peak_angle_median_abs=28.75, profile_peak_angle_max_abs=30.0,
                profile_at_true_axes_median=-0.0282, profile_range_median=0.0359, profile_gradient_max=4e-5,
-               profile_peak_gap_median=-2e-5)
+               profile_peak_gap_median=-2e-5, profile_peaks_max=1)
     (tmp_path / "results.json").write_text(json.dumps(doc))
     tables.publish("identifiability-quick", tmp_path / "results.json", out_dir=tmp_path, machine="m",
                    command="fastjac reproduce identifiability --quick", date="2026-01-01 00:00 UTC")
     text = tables.identifiability_quick(tmp_path)
-    assert "| tanh | amortised | diagonal | 2 | 28.8° / 30.0° | −2.0e−05 | −0.0282 | 0.0359 | 4e-05 |" in text
+    assert "| tanh | amortised | diagonal | 2 | 1 | 28.8° / 30.0° | −2.0e−05 | −0.0282 | 0.0359 | 4e-05 |" in text
     assert "| full |" not in text.split("ELBO over the decoder's angle")[1]  # the full row had no profile
 
 
@@ -225,13 +225,16 @@ def test_profile_stats_find_the_peak_the_true_axes_and_the_range():
     prof = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-3.0, -2.5, -2.0, -2.2], [-1.0, None, -1.0, -1.0]],
             "gradient_max": [[1e-6, 2e-6, 1e-7, 1e-6], [0.0] * 4]}
     (stats,) = ident.profile_stats(prof)                                 # the set with a diverged angle: out
-    assert stats == {"peak_angle": 10.0, "at_true_axes": pytest.approx(-0.5), "range": pytest.approx(1.0),
-                     "gradient_max": 2e-6}
+    assert stats == {"peak_angle": 10.0, "peaks": 1, "at_true_axes": pytest.approx(-0.5),
+                     "range": pytest.approx(1.0), "gradient_max": 2e-6}
     (stats,) = ident.profile_stats(prof, best=[-1.5, -0.5])
     assert stats["peak_gap"] == pytest.approx(-0.5)                      # a local optimum: below the best
     flat = {"angle": [-10.0, 0.0, 10.0], "elbo": [[-2.0, -2.0 + 1e-13, -2.0]], "gradient_max": [[0.0] * 3]}
     (stats,) = ident.profile_stats(flat)
-    assert stats["peak_angle"] is None and stats["range"] < ident.FLAT    # no peak, not the argmax of rounding
+    assert stats["peak_angle"] is None and stats["peaks"] is None and stats["range"] < ident.FLAT
+    # two peaks on the circle of angles: −10° (whose neighbours are 0° and, round the circle, 20°) and 10°
+    two = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-1.0, -3.0, -1.5, -2.0]], "gradient_max": [[0.0] * 4]}
+    assert ident.profile_stats(two)[0]["peaks"] == 2
 
 
 def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder():

@@ -647,7 +647,9 @@ def profile_stats(profile: dict, best: Optional[list] = None) -> list[dict]:
     """Per data set of an :func:`angle_profile`: the peak's angle ``peak_angle``, ``at_true_axes``:
     the ELBO at θ_A = 0 minus the peak's (≤ 0; 0 when the true axes are the optimum), ``range``:
     the peak's ELBO minus the lowest (0 for a flat profile: no preferred axes; below ``FLAT`` the
-    profile has no peak and ``peak_angle`` is None), ``gradient_max``;
+    profile has no peak and ``peak_angle`` and ``peaks`` are None), ``peaks``: how many local
+    maxima it has on the circle of angles (−45° and 45° are one angle; 1 = a unique solution),
+    ``gradient_max``;
     with ``best`` (per data set, the best ELBO any run reached on it), ``peak_gap``: the peak's ELBO
     minus that (≈ 0 when the profiled run was at the optimum, < 0 from a local optimum)."""
     angles = np.asarray(profile["angle"])
@@ -658,7 +660,9 @@ def profile_stats(profile: dict, best: Optional[list] = None) -> list[dict]:
         if not np.isfinite(e).all():
             continue
         flat = e.max() - e.min() <= FLAT
+        peaks = int(((e > np.roll(e, 1)) & (e >= np.roll(e, -1))).sum())
         stats = dict(peak_angle=None if flat else float(angles[int(np.argmax(e))]),
+                     peaks=None if flat else peaks,
                      at_true_axes=float(e[zero] - e.max()), range=float(e.max() - e.min()),
                      gradient_max=float(max(grad)))
         if best is not None and t < len(best) and best[t] is not None:
@@ -674,6 +678,8 @@ def _profile_summary(row: dict, stats: list[dict]) -> None:
         row["profile_at_true_axes_median"] = _median([s["at_true_axes"] for s in stats])
         row["profile_range_median"] = _median([s["range"] for s in stats])
         row["profile_gradient_max"] = max(s["gradient_max"] for s in stats)
+        peaks = [s["peaks"] for s in stats if s["peaks"] is not None]
+        row["profile_peaks_max"] = max(peaks) if peaks else None
         gaps = [s["peak_gap"] for s in stats if "peak_gap" in s]
         if gaps:
             row["profile_peak_gap_median"] = _median(gaps)
@@ -905,10 +911,11 @@ def _print_reference(rows: list[dict]) -> None:
 def _print_profiles(rows: list[dict]) -> None:
     log("\nELBO profile over the decoder's angle θ_A (the best ELBO with the decoder turned exactly θ_A "
         "from the true axes): its peak, the ELBO at θ_A = 0 against the peak, and its range (0: flat)")
-    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'sets':>5s} {'|peak| med':>10s} {'at 0 − peak':>12s} "
+    log(f"{'ν':9s} {'inference':12s} {'Σ':9s} {'sets':>5s} {'peaks':>5s} {'|peak| med':>10s} {'at 0 − peak':>12s} "
         f"{'range med':>10s}")
     for r in rows:
         if r.get("profile_data_sets"):
+            peaks = "flat" if r.get("profile_peaks_max") is None else str(r["profile_peaks_max"])
             log(f"{r['nonlinearity']:9s} {r['inference']:12s} {r['covariance']:9s} {r['profile_data_sets']:5d} "
-                f"{r['profile_peak_angle_median_abs']:10.1f} {r['profile_at_true_axes_median']:12.2e} "
+                f"{peaks:>5s} {r['profile_peak_angle_median_abs']:10.1f} {r['profile_at_true_axes_median']:12.2e} "
                 f"{r['profile_range_median']:10.2e}")

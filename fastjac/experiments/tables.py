@@ -154,7 +154,8 @@ def _optimum_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
     return rows
 
 
-PROFILE_HEADER = ["ν", "inference", "Σ", "data sets", "peak of the profile: median / max \\|θ_A\\|",
+PROFILE_HEADER = ["ν", "inference", "Σ", "data sets", "peaks (most on one data set)",
+                  "peak of the profile: median / max \\|θ_A\\|",
                   "peak − best ELBO on the data (median)", "ELBO at θ_A = 0 − peak (median)",
                   "peak − lowest ELBO (median)", "largest gradient entry"]
 
@@ -164,6 +165,7 @@ def _profile_rows(doc: dict, with_mixing: bool) -> list[list[str]]:
     mixing = doc["config"]["training"]["mixing"]
     return [([mixing] if with_mixing else []) + [
         r["nonlinearity"], r["inference"], r["covariance"], str(r["profile_data_sets"]),
+        "none (flat)" if r.get("profile_peaks_max") is None else str(r["profile_peaks_max"]),
         f"{_deg(r['profile_peak_angle_median_abs'])} / {_deg(r['profile_peak_angle_max_abs'])}",
         _gap(r.get("profile_peak_gap_median")), _gap(r["profile_at_true_axes_median"]),
         _gap(r["profile_range_median"]),
