@@ -223,18 +223,24 @@ def test_angle_profile_of_a_diagonal_sigma_peaks_at_the_converged_run(nu):
 
 def test_profile_stats_find_the_peak_the_true_axes_and_the_range():
     prof = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-3.0, -2.5, -2.0, -2.2], [-1.0, None, -1.0, -1.0]],
-            "gradient_max": [[1e-6, 2e-6, 1e-7, 1e-6], [0.0] * 4]}
+            "gradient_max": [[1e-6, 2e-6, 1e-7, 1e-6], [0.0] * 4], "decoder_angle": [[-10.0, 0.0, 10.0, 20.0]] * 2}
     (stats,) = ident.profile_stats(prof)                                 # the set with a diverged angle: out
     assert stats == {"peak_angle": 10.0, "peaks": 1, "at_true_axes": pytest.approx(-0.5),
                      "range": pytest.approx(1.0), "gradient_max": 2e-6}
     (stats,) = ident.profile_stats(prof, best=[-1.5, -0.5])
     assert stats["peak_gap"] == pytest.approx(-0.5)                      # a local optimum: below the best
-    flat = {"angle": [-10.0, 0.0, 10.0], "elbo": [[-2.0, -2.0 + 1e-13, -2.0]], "gradient_max": [[0.0] * 3]}
+    flat = {"angle": [-10.0, 0.0, 10.0], "elbo": [[-2.0, -2.0 + 1e-9, -2.0]], "gradient_max": [[0.0] * 3],
+            "decoder_angle": [[-10.0, 0.0, 10.0]]}
     (stats,) = ident.profile_stats(flat)
     assert stats["peak_angle"] is None and stats["peaks"] is None and stats["range"] < ident.FLAT
     # two peaks on the circle of angles: −10° (whose neighbours are 0° and, round the circle, 20°) and 10°
-    two = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-1.0, -3.0, -1.5, -2.0]], "gradient_max": [[0.0] * 4]}
+    two = {"angle": [-10.0, 0.0, 10.0, 20.0], "elbo": [[-1.0, -3.0, -1.5, -2.0]], "gradient_max": [[0.0] * 4],
+           "decoder_angle": [[-10.0, 0.0, 10.0, 20.0]]}
     assert ident.profile_stats(two)[0]["peaks"] == 2
+    # one peak on a plateau, with wiggles below FLAT on it: still one
+    plateau = {"angle": [-20.0, -10.0, 0.0, 10.0, 20.0], "elbo": [[-1.0, -0.5, -0.5 + 1e-8, -0.5, -2.0]],
+               "gradient_max": [[0.0] * 5], "decoder_angle": [[-20.0, -10.0, 0.0, 10.0, 20.0]]}
+    assert ident.profile_stats(plateau)[0]["peaks"] == 1
 
 
 def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder():
@@ -250,7 +256,7 @@ def test_axes_against_the_data_coordinates_are_w_rotation_for_the_true_decoder()
     assert m["decoder_angle"] == pytest.approx([0.0] * 4, abs=1e-9)
 
 
-def test_angle_profile_leaves_out_a_point_whose_decoder_left_its_angle(monkeypatch):
+def test_a_profile_whose_decoder_left_its_angle_is_left_out(monkeypatch):
     """P must stay positive definite for Q to stay the Procrustes factor; an optimiser that leaves
     the cone moves the decoder's angle, and that point is dropped (None), never reported."""
     s, training, data, params, fixed, _ = _converged("identity", "diagonal", points=60, trials=1)
@@ -264,5 +270,6 @@ def test_angle_profile_leaves_out_a_point_whose_decoder_left_its_angle(monkeypat
 
     monkeypatch.setattr(ident, "refine", leave_the_cone)
     prof = ident.angle_profile(data, params, fixed, s, training, ANGLES)
-    assert prof["elbo"][0][0] is None and all(e is not None for e in prof["elbo"][0][1:])
-    assert ident.profile_stats(prof) == []                              # an incomplete profile: left out
+    assert ident.wrap_angle(prof["decoder_angle"][0][0] - ANGLES[0].item()) == pytest.approx(-30.0)
+    _assert_same_angles(prof["decoder_angle"][0][1:], ANGLES[1:])
+    assert ident.profile_curves(prof) == [None] and ident.profile_stats(prof) == []   # not a profile: out
