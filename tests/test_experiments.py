@@ -143,7 +143,7 @@ def test_identifiability_quick_path_writes_results_and_figure_and_resumes(tmp_pa
     assert len(doc["summary"]) == 4
     for r in doc["summary"]:                                     # complete profiles are summarised
         prof = doc["runs"][f"{r['nonlinearity']}/amortised/{r['covariance']}/n=2"]["profile"]
-        assert r["profile_data_sets"] == sum(all(e is not None for e in elbo) for elbo in prof["elbo"])
+        assert r["profile_data_sets"] == sum(c is not None for c in ident.profile_curves(prof))
     assert_png(tmp_path / "identifiability.png")
     assert_png(tmp_path / "identifiability_principal.png")
     assert_png(tmp_path / "identifiability_profile.png")
