@@ -50,7 +50,7 @@ NOISE_STD = 0.05
 COLUMN_NORMS = (2.0, 1.0)
 PROFILE_ANGLES = tuple(-42.5 + 2.5 * k for k in range(36))    # (−45°, 45°] every 2.5°, 0° included
 # nats/point: ELBO differences below this are the optimiser's tolerance, not the model's (a full-Σ
-# profile, flat in exact arithmetic, varies by up to ~1e-9 where per-point L-BFGS stops early; the
+# profile, flat in exact arithmetic, varies by up to ~1e-8 where per-point L-BFGS stops early; the
 # smallest real difference in the grids is ~1e-4)
 FLAT = 1e-6
 PAPER_STEPS = (100, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000)
