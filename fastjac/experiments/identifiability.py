@@ -417,9 +417,9 @@ def angle_profile(data: Data, params, fixed, setting: Setting, training: Trainin
     fixed_k = {k: grow(v) for k, v in fixed.items()}
     start = {k: grow(v) for k, v in params.items()}
     target = angles.to(data_k.W).repeat(m)
-    own = decoder_angle(start["A"], data_k.W)
+    Qb = _polar(data_k.W.mT @ start["A"])                               # the run's, at angle θ_A(run)
     # R(δ) on the right turns the decoder's angle by +δ, or by −δ when its Procrustes factor reflects
-    sign = torch.linalg.det(_polar(data_k.W.mT @ start["A"])).sign()
+    own, sign = rotation_angle(Qb), torch.linalg.det(Qb).sign()
     turned = turn(start, fixed_k, torch.deg2rad(sign * (target - own)))
     Q = _polar(data_k.W.mT @ turned["A"])
     P = Q.mT @ data_k.W.mT @ turned["A"]
@@ -786,17 +786,17 @@ def _figure(rows: list[dict], nonlinearities, inference, angle_key: str, title: 
     return plotting.save(fig, path)
 
 
-def _best_on_data_set(rows: list[dict], nu: str, inference: str, trial: int) -> Optional[float]:
-    """The best ELBO any run (any n, any Σ) reached on one data set (rows of :func:`flatten`)."""
-    for r in rows:
-        if (r["nonlinearity"], r["inference"], r["trial"]) == (nu, inference, trial) and r["gap"] is not None:
-            return r["elbo"] - r["gap"]
-    return None
+def _best_by_data_set(rows: list[dict]) -> dict:
+    """(ν, inference, trial) -> the best ELBO any run (any n, any Σ) reached on that data set, from
+    the rows of :func:`flatten` (each carries its gap to that best)."""
+    return {(r["nonlinearity"], r["inference"], r["trial"]): r["elbo"] - r["gap"]
+            for r in rows if r["gap"] is not None}
 
 
 def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, path):
     """ELBO − the best ELBO on the same data set (any Σ) against the decoder's angle θ_A, one curve
     per profiled data set: a mean-field posterior has one peak, a full one is flat."""
+    best = _best_by_data_set(rows)
     fig, axes = plotting.panels(len(inference), len(nonlinearities), layout="constrained")
     colours = {"diagonal": "tab:blue", "full": "tab:orange"}
     for i, inf in enumerate(inference):
@@ -808,7 +808,7 @@ def _profile_figure(runs: dict, rows: list[dict], nonlinearities, inference, pat
                     continue
                 prof = rec["profile"]
                 for t, curve in enumerate(profile_curves(prof)):
-                    top = _best_on_data_set(rows, nu, inf, t)
+                    top = best.get((nu, inf, t))
                     if top is None or curve is None:
                         continue
                     ax.plot(prof["angle"], curve - top, color=colours[cov], lw=1, alpha=0.8,
@@ -865,10 +865,11 @@ def run(args) -> int:
     runs = {k: r for k, r in results.runs.items() if k in keys}
     rows = flatten(runs)
     profiles: dict[tuple, list] = {}
+    best_on = _best_by_data_set(rows)
     for key, rec in runs.items():
         if "profile" in rec:
             nu, inference, cov = key.split("/")[:3]
-            best = [_best_on_data_set(rows, nu, inference, t) for t in range(len(rec["profile"]["elbo"]))]
+            best = [best_on.get((nu, inference, t)) for t in range(len(rec["profile"]["elbo"]))]
             profiles.setdefault((nu, inference, cov), []).extend(profile_stats(rec["profile"], best))
     summary = summarise(rows, args.tolerance, profiles)
     results.put_summary(summary)

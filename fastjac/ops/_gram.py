@@ -42,14 +42,14 @@ def gram_backward(J: Tensor, w: Optional[Tensor], gamma: Tensor, need_J: bool = 
 
     def times(G):  # J Γ, with Γ diagonal or not
         return Jc * G.unsqueeze(1) if G.dim() == 2 else Jc @ G
-    if not need_w:  # the 2 folded into Γ (exact): one pass over J
-        grad_J = times(2 * gamma)
-        return (grad_J if w is None else w.to(gamma.dtype).unsqueeze(-1) * grad_J), None
-    JG = times(gamma)
-    grad_w = (JG * Jc).sum(-1)
-    grad_J = None
-    if need_J:
-        grad_J = 2 * JG if w is None else 2 * w.to(gamma.dtype).unsqueeze(-1) * JG
+    if need_w:
+        JG = times(gamma)
+        grad_w = (JG * Jc).sum(-1)
+        grad_J = 2 * JG if need_J else None
+    else:  # the 2 folded into Γ (exact): one pass over J
+        grad_J, grad_w = times(2 * gamma), None
+    if grad_J is not None and w is not None:
+        grad_J = w.to(gamma.dtype).unsqueeze(-1) * grad_J
     return grad_J, grad_w
 
 
